@@ -1,0 +1,115 @@
+// Shared helpers for the xla_ops FFI handlers (CPU and CUDA).
+//
+// Conventions (every handler follows them):
+//  * Point arrays are float32 [..., N, C]; all leading dims are flattened into one batch dim B, which is what
+//    makes vmap (vmap_method="broadcast_all") and arbitrary batch shapes work.
+//  * Index outputs are int32. Distances are squared unless a name says otherwise.
+//  * Every shape the Python wrapper already checked is checked again here; a mismatch returns
+//    ffi::Error::InvalidArgument (never a crash, never an out-of-bounds read).
+//  * Handlers register themselves with XLA_OPS_REGISTER; bindings_*.cc export the registry to Python.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace xla_ops {
+
+namespace ffi = xla::ffi;
+
+// A point set [B, N, C] viewed through its flattened leading dims.
+struct PointShape {
+  int64_t b = 1;  // product of all leading dims
+  int64_t n = 0;  // number of points (dims[-2])
+  int64_t c = 0;  // channels (dims[-1])
+};
+
+// Flattens `dims` (rank >= min_rank) into [B, dims[-2], dims[-1]]. `what` names the argument in errors.
+inline ffi::ErrorOr<PointShape> AsPointShape(ffi::Span<const int64_t> dims, const char* what,
+                                             int64_t min_rank = 2) {
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  if (rank < min_rank || rank < 2) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        std::string(what) + ": expected rank >= " + std::to_string(std::max<int64_t>(min_rank, 2)) +
+        " ([..., N, C]), got rank " + std::to_string(rank)));
+  }
+  PointShape s;
+  for (int64_t i = 0; i + 2 < rank; ++i) s.b *= dims[i];
+  s.n = dims[rank - 2];
+  s.c = dims[rank - 1];
+  return s;
+}
+
+// Product of the first `count` dims (the flattened batch of an array whose last dims are known).
+inline int64_t LeadingSize(ffi::Span<const int64_t> dims, int64_t trailing) {
+  int64_t b = 1;
+  for (int64_t i = 0; i + trailing < static_cast<int64_t>(dims.size()); ++i) b *= dims[i];
+  return b;
+}
+
+inline ffi::Error InvalidArgument(const std::string& op, const std::string& msg) {
+  return ffi::Error::InvalidArgument(op + ": " + msg);
+}
+
+// Runs fn(begin, end) over [0, n) split into contiguous chunks on XLA's intra-op thread pool and returns a
+// future that completes when every chunk is done. Work items must be independent, so results never depend
+// on the thread count. `fn` is copied into every task: capture raw pointers and sizes by value only.
+template <typename Fn>
+ffi::Future ParallelFor(const ffi::ThreadPool& pool, int64_t n, int64_t min_items_per_task, Fn fn) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t max_tasks = std::max<int64_t>(1, threads * 4);
+  const int64_t per_task = std::max<int64_t>(std::max<int64_t>(min_items_per_task, 1),
+                                             (n + max_tasks - 1) / max_tasks);
+  const int64_t tasks = std::max<int64_t>(1, (n + per_task - 1) / per_task);
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  if (n <= 0) {
+    promise.SetAvailable();
+    return future;
+  }
+  if (tasks == 1) {
+    fn(int64_t{0}, n);
+    promise.SetAvailable();
+    return future;
+  }
+  ffi::CountDownPromise counter(std::move(promise), tasks);
+  ffi::ThreadPool pool_copy = pool;
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t begin = t * per_task;
+    const int64_t end = std::min(n, begin + per_task);
+    pool_copy.Schedule([fn, begin, end, counter]() mutable {
+      fn(begin, end);
+      counter.CountDown();
+    });
+  }
+  return future;
+}
+
+// ---- handler registry ---------------------------------------------------------------------------
+struct Registration {
+  std::string name;  // FFI target name, identical on every platform
+  void* handler;     // XLA_FFI_Handler*
+};
+
+inline std::vector<Registration>& Registry() {
+  static std::vector<Registration> registry;
+  return registry;
+}
+
+struct Registrar {
+  Registrar(const char* name, void* handler) { Registry().push_back({name, handler}); }
+};
+
+}  // namespace xla_ops
+
+#define XLA_OPS_CONCAT_INNER(a, b) a##b
+#define XLA_OPS_CONCAT(a, b) XLA_OPS_CONCAT_INNER(a, b)
+// Registers a handler symbol defined with XLA_FFI_DEFINE_HANDLER_SYMBOL under an FFI target name.
+#define XLA_OPS_REGISTER(target_name, symbol)                               \
+  static ::xla_ops::Registrar XLA_OPS_CONCAT(xla_ops_registrar_, __LINE__)( \
+      target_name, reinterpret_cast<void*>(symbol))
