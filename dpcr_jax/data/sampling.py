@@ -1,0 +1,83 @@
+"""Area-weighted surface sampling and farthest point sampling (FPS)."""
+import numpy as np
+
+
+def face_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+  """vertices [V,3], faces [F,3] int -> areas [F]."""
+  tri = vertices[faces]
+  return 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=-1)
+
+
+def _points_in_faces(vertices, faces, face_idx, rng) -> np.ndarray:
+  """One uniform point inside each listed face (barycentric reflection trick)."""
+  u = rng.random((len(face_idx), 2))
+  flip = u.sum(-1) > 1.0
+  u[flip] = 1.0 - u[flip]
+  tri = vertices[faces[face_idx]]
+  return tri[:, 0] + u[:, :1] * (tri[:, 1] - tri[:, 0]) + u[:, 1:] * (tri[:, 2] - tri[:, 0])
+
+
+def sample_surface_deterministic(vertices: np.ndarray, faces: np.ndarray, n: int,
+                                 rng: np.random.Generator) -> np.ndarray:
+  """AttentionDPCR `sample_faces`: per-face counts from rounded cumulative areas (total exactly n).
+
+  Points are ordered by face index, as in the original (FPS with start index 0 therefore starts on
+  the first sampled face). Returns [n,3] float32.
+  """
+  areas = face_areas(vertices, faces)
+  total = areas.sum()
+  if not total > 0:
+    raise ValueError("sample_surface_deterministic: mesh has zero surface area")
+  cum = np.round(np.cumsum(areas) / total * n).astype(np.int64)
+  counts = np.diff(cum, prepend=0)
+  face_idx = np.repeat(np.arange(len(faces)), counts)
+  return _points_in_faces(vertices, faces, face_idx, rng).astype(np.float32)
+
+
+def sample_surface_iid(vertices: np.ndarray, faces: np.ndarray, n: int,
+                       rng: np.random.Generator) -> np.ndarray:
+  """n iid points, faces drawn with probability proportional to area (trimesh.sample_surface). [n,3] f32."""
+  areas = face_areas(vertices, faces)
+  total = areas.sum()
+  if not total > 0:
+    raise ValueError("sample_surface_iid: mesh has zero surface area")
+  face_idx = rng.choice(len(faces), size=n, p=areas / total)
+  return _points_in_faces(vertices, faces, face_idx, rng).astype(np.float32)
+
+
+def sample_surface(vertices, faces, n, rng, method: str = "deterministic") -> np.ndarray:
+  """Dispatches to the 'deterministic' (AttentionDPCR parity) or 'iid' sampler."""
+  if method == "deterministic":
+    return sample_surface_deterministic(vertices, faces, n, rng)
+  if method == "iid":
+    return sample_surface_iid(vertices, faces, n, rng)
+  raise ValueError(f"method must be 'deterministic' or 'iid', got {method!r}")
+
+
+def farthest_point_indices_numpy(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+  """Reference FPS: points [N,3] -> indices [n] int32, starting at `start` (the original uses 0)."""
+  num = points.shape[0]
+  if not 0 < n <= num:
+    raise ValueError(f"n must be in [1, {num}], got {n}")
+  x, y, z = (np.ascontiguousarray(points[:, i], dtype=np.float64) for i in range(3))
+  min_d = np.full(num, np.inf)
+  idx = np.empty(n, np.int32)
+  last = start
+  for k in range(n):
+    idx[k] = last
+    d = (x - x[last]) ** 2 + (y - y[last]) ** 2 + (z - z[last]) ** 2
+    np.minimum(min_d, d, out=min_d)
+    last = int(np.argmax(min_d))
+  return idx
+
+
+def farthest_point_indices(points: np.ndarray, n: int) -> np.ndarray:
+  """FPS indices [n] int32 with start index 0, so prefixes are FPS subsets (fps(P,4096)[:1024] == fps(P,1024)).
+
+  Uses xla_ops.farthest_point_sample when it is available, else the numpy reference.
+  """
+  try:
+    from xla_ops import farthest_point_sample  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return farthest_point_indices_numpy(points, n)
+  return np.asarray(farthest_point_sample(np.asarray(points, np.float32), n)).astype(np.int32)
