@@ -1,0 +1,343 @@
+"""One training library for the three stages (sparse, dense, finetune).
+
+``train_and_evaluate(config, workdir)`` builds the stage's model, loss and input pipeline, then runs pure
+jitted ``train_step`` / ``eval_step`` functions, data parallel over a ``Mesh`` with one ``'data'`` axis that
+spans every device (batch sharded ``P('data')``, parameters replicated, one XLA program per step).
+Checkpoints (dpcr_jax/checkpointing.py) are saved every ``config.checkpoint_every`` steps and the run resumes
+from the newest one in ``workdir``; a finetune run that has nothing to resume starts from the sparse and dense
+stage checkpoints named in ``config.init``.
+
+Outputs under ``workdir``: ``config.json``, ``metrics.jsonl`` (one JSON object per log/eval event),
+``tensorboard/`` (event files), ``checkpoints/``, and ``curves.png`` at the end.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+from flax import struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+
+from dpcr_jax import checkpointing
+
+STAGES = ("sparse", "dense", "finetune")
+# Batch keys each stage's model and loss read (the data pipeline may yield more; they are dropped).
+_STAGE_KEYS = {
+    "sparse": ("image", "points_dense", "category"),
+    "dense": ("points_sparse", "points_mid", "points_dense", "category"),
+    "finetune": ("image", "points_sparse", "points_mid", "points_dense", "category"),
+}
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a training step reads and writes (a plain pytree: checkpointable and shardable)."""
+  step: jax.Array  # int32 []
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 [2], a raw PRNG key; per-step keys are fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config validation (before anything is compiled).
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for a config that cannot run, before any data is read or anything compiled."""
+  if config.stage not in STAGES:
+    raise ValueError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
+  num_devices = jax.device_count()
+  for name in ("batch_size", "eval_batch_size"):
+    value = config.get(name)
+    if value is None:
+      continue
+    if not isinstance(value, int) or value <= 0:
+      raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+    if value % num_devices:
+      raise ValueError(f"config.{name}={value} must be divisible by the number of devices ({num_devices}); "
+                       f"use a multiple of {num_devices}")
+  if config.num_train_steps <= 0:
+    raise ValueError(f"config.num_train_steps must be > 0, got {config.num_train_steps}")
+  if config.learning_rate <= 0:
+    raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+  for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    if config[name] <= 0:
+      raise ValueError(f"config.{name} must be > 0, got {config[name]}")
+  root = config.data.get("root")
+  if not root or not os.path.exists(root):
+    raise ValueError(f"config.data.root={root!r} does not exist (source {config.data.get('source')!r}); "
+                     "point it at a dataset (experiments/main.py makes a synthetic one)")
+  if config.stage == "finetune":
+    for name in ("sparse_checkpoint", "dense_checkpoint"):
+      path = config.init.get(name)
+      if path and not os.path.isdir(path):
+        raise ValueError(f"config.init.{name}={path!r} is not a directory")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mesh and batches.
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh with axis 'data' over ``devices`` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def select_batch(batch: dict, stage: str) -> dict:
+  """Keeps the numeric arrays the stage reads (dicts from the pipeline may carry more)."""
+  return {k: np.asarray(batch[k]) for k in _STAGE_KEYS[stage] if k in batch}
+
+
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Process-local numpy batch -> global jax arrays sharded over 'data' along the leading axis."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State, steps.
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with a constant learning rate (the original: TF defaults b1 0.9, b2 0.999, eps 1e-8)."""
+  return optax.adam(config.learning_rate, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def create_train_state(model, tx: optax.GradientTransformation, example_batch: dict, seed: int) -> TrainState:
+  """Initialises parameters from ``example_batch`` (only its shapes matter)."""
+  rng = jax.random.PRNGKey(seed)
+  init_rng, state_rng = jax.random.split(rng)
+  variables = jax.jit(functools.partial(model.init, train=False))({"params": init_rng}, example_batch)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), rng=state_rng)
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
+               loss_fn: Callable) -> tuple[TrainState, dict]:
+  """One Adam step on the stage loss. Pure; jit it (the batch may be sharded over 'data').
+
+  Args:
+    loss_fn: (outputs, batch, params) -> (loss, metrics dict of scalars).
+  Returns:
+    (new state, metrics incl. 'loss').
+  """
+  step_rng = jax.random.fold_in(state.rng, state.step)
+
+  def objective(params):
+    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, batch, train=True,
+                                   mutable=["batch_stats"], rngs={"dropout": step_rng})
+    loss, metrics = loss_fn(outputs, batch, params)
+    return loss, (metrics, updates.get("batch_stats", state.batch_stats))
+
+  (loss, (metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model, loss_fn: Callable) -> dict:
+  """Loss and metrics in inference mode (batch-norm running statistics)."""
+  outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch, train=False)
+  loss, metrics = loss_fn(outputs, batch, state.params)
+  return dict(metrics, loss=loss)
+
+
+def jit_steps(model, tx, loss_fn, mesh):
+  """(train_step, eval_step) jitted with replicated state and a 'data'-sharded batch."""
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  train = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn),
+                  in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+                  donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, model=model, loss_fn=loss_fn),
+                     in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+  return train, evaluate
+
+
+def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
+  from dpcr_jax.losses import compute_loss  # pylint: disable=g-import-not-at-top
+  return functools.partial(_stage_loss, compute_loss, config.stage, config.loss, config.model.ops_impl)
+
+
+def _stage_loss(compute_loss, stage, loss_config, ops_impl, outputs, batch, params):
+  return compute_loss(stage, outputs, batch, params, loss_config, ops_impl)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logging.
+
+
+class MetricWriter:
+  """Scalars to ``metrics.jsonl`` and TensorBoard event files (primary process only)."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, split: str, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
+    for k, v in scalars.items():
+      self._tb.add_scalar(f"{split}/{k}", v, int(step))
+    self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _mean_metrics(metrics_list: list[dict]) -> dict:
+  host = jax.device_get(metrics_list)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _make_iterators(config: ml_collections.ConfigDict, local_batch: int):
+  from dpcr_jax.data import make_iterator  # pylint: disable=g-import-not-at-top
+  # Every process shuffles with its own seed, so processes draw different batches (not a disjoint split).
+  train_iter = make_iterator(config.data, "train", local_batch, seed=config.seed + jax.process_index(),
+                             shuffle=config.shuffle)
+
+  def eval_iter_fn():
+    return make_iterator(config.data, config.eval_split, local_batch, seed=config.seed, shuffle=False,
+                         num_epochs=1)
+  return train_iter, eval_iter_fn
+
+
+def _build_model(config: ml_collections.ConfigDict):
+  from dpcr_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  return build_model(config.model, config.stage)
+
+
+def evaluate_loss(eval_fn, state: TrainState, batches: Iterator[dict], stage: str, mesh,
+                  max_batches: int) -> dict:
+  """Mean stage metrics over up to ``max_batches`` batches (all when < 0)."""
+  results = []
+  for i, batch in enumerate(batches):
+    if 0 <= max_batches <= i:
+      break
+    results.append(eval_fn(state, shard_batch(select_batch(batch, stage), mesh)))
+  if not results:
+    raise ValueError("the evaluation split gave no full batch; lower config.batch_size or add data")
+  return _mean_metrics(results)
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Multi-host: jax.distributed.initialize from config.distributed (see docs/training.md)."""
+  dist = config.get("distributed")
+  if not dist or not dist.get("enabled"):
+    return
+  if jax.distributed.is_initialized():
+    return
+  kwargs = {k: dist.get(k) for k in ("coordinator_address", "num_processes", "process_id")
+            if dist.get(k) not in (None, "", -1)}
+  jax.distributed.initialize(**kwargs)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains ``config.stage`` in ``workdir`` (resuming if it holds checkpoints); returns the final state."""
+  validate_config(config)
+  maybe_initialize_distributed(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = make_mesh()
+  local_batch = config.batch_size // jax.process_count()
+  model = _build_model(config)
+  tx = make_optimizer(config)
+  loss_fn = make_loss_fn(config)
+  train_iter, eval_iter_fn = _make_iterators(config, local_batch)
+
+  # Parameters are initialised from the shapes of one batch; the iterator is rewound afterwards.
+  iter_state = train_iter.get_state()
+  example = select_batch(next(train_iter), config.stage)
+  train_iter.set_state(iter_state)
+  state = create_train_state(model, tx, jax.tree.map(jnp.asarray, example), config.seed)
+  state = replicate(state, mesh)
+
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every, config.keep_checkpoints)
+  resumed = ckpt.restore_latest(state)
+  if resumed is not None:
+    state, data_state = resumed
+    if data_state:
+      train_iter.set_state(data_state)
+  elif config.stage == "finetune" and (config.init.sparse_checkpoint or config.init.dense_checkpoint):
+    state = replicate(checkpointing.init_finetune_state(state, config.init.sparse_checkpoint,
+                                                         config.init.dense_checkpoint), mesh)
+  start_step = int(jax.device_get(state.step))
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("Stage %s: %d parameters, %d devices, global batch %d, steps %d -> %d", config.stage,
+               num_params, jax.device_count(), config.batch_size, start_step, config.num_train_steps)
+
+  train_fn, eval_fn = jit_steps(model, tx, loss_fn, mesh)
+  writer = MetricWriter(workdir)
+  pending, period_start, period_step = [], time.time(), start_step
+  step = start_step
+  try:
+    while step < config.num_train_steps:
+      batch = shard_batch(select_batch(next(train_iter), config.stage), mesh)
+      state, metrics = train_fn(state, batch)
+      pending.append(metrics)
+      step += 1
+      if step % config.log_every == 0 or step == config.num_train_steps:
+        scalars = _mean_metrics(pending)
+        elapsed = time.time() - period_start
+        steps_per_sec = (step - period_step) / max(elapsed, 1e-9)
+        scalars["steps_per_sec"] = steps_per_sec
+        writer.write(step, "train", scalars)
+        eta = (config.num_train_steps - step) / max(steps_per_sec, 1e-9)
+        logging.info("[%s] step %d/%d | loss %.5g | cd %.5g | %.2f steps/s | ETA %s", config.stage, step,
+                     config.num_train_steps, scalars["loss"], scalars.get("cd", float("nan")), steps_per_sec,
+                     _format_duration(eta))
+        pending, period_start, period_step = [], time.time(), step
+      if step % config.eval_every == 0 or step == config.num_train_steps:
+        eval_scalars = evaluate_loss(eval_fn, state, eval_iter_fn(), config.stage, mesh, config.eval_batches)
+        writer.write(step, "eval", eval_scalars)
+        logging.info("[%s] eval at step %d: %s", config.stage, step,
+                     ", ".join(f"{k} {v:.5g}" for k, v in sorted(eval_scalars.items())))
+        period_start = time.time()  # do not count evaluation time in steps/s
+      if step % config.checkpoint_every == 0 or step == config.num_train_steps:
+        ckpt.save(step, state, train_iter.get_state(), force=True)
+  finally:
+    ckpt.close()
+    writer.close()
+  if jax.process_index() == 0 and os.path.exists(writer.jsonl_path):
+    from dpcr_jax import visualize  # pylint: disable=g-import-not-at-top
+    visualize.plot_training_curves(writer.jsonl_path, os.path.join(workdir, "curves.png"),
+                                   title=f"{config.stage} stage")
+  return state
