@@ -1,0 +1,119 @@
+"""AttentionDPCR models (Flax linen): configs and ``build_model(config, stage)``.
+
+Every stage module is called as ``module.apply(variables, batch, train=...)`` with variable collections
+'params' and 'batch_stats' (pass ``mutable=['batch_stats']`` when ``train=True``). Batch keys: 'image'
+[B, S, S, 3] float32 in [0, 1], 'points_sparse' [B, P, 3] (the dense stage's input), 'points_dense'.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import ml_collections
+
+from dpcr_jax.models.dense import DenseNet, EdgeConvFeature
+from dpcr_jax.models.finetune import Finetune
+from dpcr_jax.models.pointnet2 import PointNet2Feature
+from dpcr_jax.models.sparse import SparseNet, decoder_kernels
+
+STAGES = ("sparse", "dense", "finetune")
+__all__ = ["STAGES", "build_model", "decoder_kernels", "default_loss_config", "default_model_config"]
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """Model hyperparameters; defaults reproduce the original code (spec §1, §2, §10), quirks included."""
+  c = ml_collections.ConfigDict()
+  c.ops_impl = "ffi"  # xla_ops backend of every point op: "ffi" (custom calls) or "jnp" (pure jax.numpy).
+  c.image_size = 256  # input side S (multiple of 64); the paper's images are 256 x 256 x 3.
+  c.sparse_grid = 32  # decoder output map side = S / 8 -> sparse_grid**2 points (32 -> 1024; S=128 -> 16).
+  c.width = 1.0  # channel multiplier of the sparse network (encoder and decoder); 1.0 = paper.
+  # Sparse-network BN (hand-written in the original, spec §1.4): EMA decay 0.5 is the original's (quirk §9.2;
+  # flax momentum = TF decay); a sane fix is 0.99 (with shuffled data).
+  c.sparse_bn_momentum = 0.5
+  # Start the BN EMAs (sparse and pu_util BNs) at mean 0 / variance 0 as TF's ExponentialMovingAverage on a
+  # tensor does (faithful); False starts the variance at 1 (flax's default). Matters only early in training.
+  c.bn_zero_init_stats = True
+  # tflearn BN in the dense network's global encoder and decoder: True = what the original ran, a learnable
+  # affine over frozen 0/1 statistics (spec §2.3, quirk §9.1); False = a real BN (eps 1e-5, decay 0.9).
+  c.tflearn_frozen_bn = True
+
+  c.dense = ml_collections.ConfigDict()
+  c.dense.variant = "edgeconv"  # local feature: "edgeconv" (original DGCNN) or "pointnet2" (our PU-Net-style).
+  c.dense.levels = 2  # upsampling levels (1024 -> 4096 -> 16384); outputs 'mid' (second last) and 'dense' (last).
+  c.dense.upsample = 4  # points per input point per level (a perfect square: a sqrt x sqrt grid of codes).
+  c.dense.grid_scale = 0.1  # grid codes linspace(-grid_scale, grid_scale, sqrt(upsample)) in x and y.
+  c.dense.skip_weight = 0.2  # weight of the nearest previous-level point's feature (levels >= 2).
+  c.dense.bn_momentum = 0.9  # pu_util BN EMA decay (eps 1e-3, moments over all axes but channels).
+  c.dense.global_channels = (32, 64, 64)  # global PointNet MLP (tflearn conv_1d + tflearn BN + ReLU), max-pooled.
+  c.dense.decoder_channels = (128, 128, 64)  # per-point decoder MLP (tflearn), then a linear conv to xyz.
+  c.dense.agg_channels = 256  # local feature width (EdgeConv 'agg' / PointNet++ final PuConv).
+  c.dense.k = 20  # edgeconv: kNN size, the point itself included.
+  c.dense.edge_channels = (32, 64, 128)  # edgeconv: the three EdgeConv widths (dgcnn1, dgcnn2, dgcnn4).
+  c.dense.pointnet2 = ml_collections.ConfigDict()  # pointnet2 variant only (see models/pointnet2.py).
+  c.dense.pointnet2.downsample = (4, 4)  # FPS factor per set-abstraction level (1024 -> 256 -> 64).
+  c.dense.pointnet2.radii = (0.1, 0.2)  # ball-query radii (scene units; objects are ~0.6-1 across).
+  c.dense.pointnet2.nsample = 16  # points per ball.
+  c.dense.pointnet2.sa_channels = ((32, 32, 64), (64, 64, 128))  # set-abstraction MLPs.
+  c.dense.pointnet2.fp_channels = ((128, 128), (128, 128))  # feature-propagation MLPs, coarsest first.
+  return c
+
+
+def default_loss_config() -> ml_collections.ConfigDict:
+  """Loss weights of the original (spec §4.1-4.3); see dpcr_jax/losses.py."""
+  c = ml_collections.ConfigDict()
+  # Sparse (§4.1): sparse_scale * (mean d(gt->pred) + w * mean d(pred->gt)) + l2_factor * sum wd/2 ||W||^2.
+  c.sparse_scale = 1e4
+  c.sparse_pred_to_gt_weight = 0.55
+  c.sparse_gt_key = "points_dense"  # batch key of the sparse stage's GT: 16384 points (faithful, quirk §9.6).
+  c.decoder_weight_decay = 1e-5  # tflearn L2 on the 11 decoder kernels: wd * 0.5 * ||W||^2 each.
+  c.decoder_l2_factor = 0.1  # the original multiplies the summed regularisation losses by 0.1.
+  # Dense (§4.2): dense_scale * (CD(gt, mid) + CD(gt, dense)), GT = 'points_dense'.
+  c.dense_scale = 1e4
+  # Finetune (§4.3): sparse_weight * (CD(gt1024, sparse) + emd_scale * EMD(gt1024, sparse))
+  #                  + dense_weight * (CD(gt16k, mid) + CD(gt16k, dense)); no 1e4, no L2.
+  c.finetune_sparse_weight = 0.5
+  c.finetune_emd_scale = 1e-3
+  c.finetune_dense_weight = 1.0
+  return c
+
+
+def _sparse_net(config: ml_collections.ConfigDict, name: str | None = None) -> SparseNet:
+  if config.image_size % 64 or config.sparse_grid * 8 != config.image_size:
+    raise ValueError(f"image_size must be a multiple of 64 and sparse_grid == image_size // 8, "
+                     f"got image_size={config.image_size}, sparse_grid={config.sparse_grid}")
+  return SparseNet(width=config.width, bn_momentum=config.sparse_bn_momentum,
+                   bn_zero_init_stats=config.bn_zero_init_stats, name=name)
+
+
+def _dense_net(config: ml_collections.ConfigDict, name: str | None = None) -> DenseNet:
+  d = config.dense
+  if d.levels < 2:
+    raise ValueError(f"dense.levels must be >= 2 (outputs 'mid' and 'dense'), got {d.levels}")
+  common = dict(agg_channels=d.agg_channels, bn_momentum=d.bn_momentum,
+                bn_zero_init_stats=config.bn_zero_init_stats, ops_impl=config.ops_impl)
+  if d.variant == "edgeconv":
+    local = functools.partial(EdgeConvFeature, k=d.k, edge_channels=tuple(d.edge_channels), **common)
+  elif d.variant == "pointnet2":
+    p = d.pointnet2
+    local = functools.partial(
+        PointNet2Feature, downsample=tuple(p.downsample), radii=tuple(p.radii), nsample=p.nsample,
+        sa_channels=tuple(map(tuple, p.sa_channels)), fp_channels=tuple(map(tuple, p.fp_channels)), **common)
+  else:
+    raise ValueError(f"dense.variant must be 'edgeconv' or 'pointnet2', got {d.variant!r}")
+  return DenseNet(local, levels=d.levels, upsample=d.upsample, skip_weight=d.skip_weight,
+                  grid_scale=d.grid_scale, global_channels=tuple(d.global_channels),
+                  decoder_channels=tuple(d.decoder_channels), frozen_bn=config.tflearn_frozen_bn,
+                  ops_impl=config.ops_impl, name=name)
+
+
+def build_model(config: ml_collections.ConfigDict, stage: str) -> nn.Module:
+  """The module of a training stage ('sparse', 'dense' or 'finetune'); ``__call__(batch, train) -> dict``."""
+  if config.ops_impl not in ("ffi", "jnp"):
+    raise ValueError(f"ops_impl must be 'ffi' or 'jnp', got {config.ops_impl!r}")
+  if stage == "sparse":
+    return _sparse_net(config)
+  if stage == "dense":
+    return _dense_net(config)
+  if stage == "finetune":
+    return Finetune(sparse=_sparse_net(config), dense=_dense_net(config))
+  raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
