@@ -54,11 +54,8 @@ def sample_surface(vertices, faces, n, rng, method: str = "deterministic") -> np
   raise ValueError(f"method must be 'deterministic' or 'iid', got {method!r}")
 
 
-def farthest_point_indices_numpy(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
-  """Reference FPS: points [N,3] -> indices [n] int32, starting at `start` (the original uses 0)."""
+def _fps_single(points: np.ndarray, n: int, start: int) -> np.ndarray:
   num = points.shape[0]
-  if not 0 < n <= num:
-    raise ValueError(f"n must be in [1, {num}], got {n}")
   x, y, z = (np.ascontiguousarray(points[:, i], dtype=np.float64) for i in range(3))
   min_d = np.full(num, np.inf)
   idx = np.empty(n, np.int32)
@@ -71,8 +68,24 @@ def farthest_point_indices_numpy(points: np.ndarray, n: int, start: int = 0) -> 
   return idx
 
 
+def farthest_point_indices_numpy(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+  """Reference FPS: points [...,N,3] -> indices [...,n] int32, starting at `start` (the original uses 0).
+
+  Loops over the batch (a batched numpy version is slower: it is memory bound).
+  """
+  points = np.asarray(points)
+  if points.ndim < 2 or points.shape[-1] != 3:
+    raise ValueError(f"points must be [...,N,3], got {points.shape}")
+  num = points.shape[-2]
+  if not 0 < n <= num:
+    raise ValueError(f"n must be in [1, {num}], got {n}")
+  flat = points.reshape(-1, num, 3)
+  idx = np.stack([_fps_single(p, n, start) for p in flat])
+  return idx.reshape(points.shape[:-2] + (n,))
+
+
 def farthest_point_indices(points: np.ndarray, n: int) -> np.ndarray:
-  """FPS indices [n] int32 with start index 0, so prefixes are FPS subsets (fps(P,4096)[:1024] == fps(P,1024)).
+  """FPS indices [...,n] int32 for points [...,N,3], with start index 0, so prefixes are FPS subsets (fps(P,4096)[:1024] == fps(P,1024)).
 
   Uses xla_ops.farthest_point_sample when it is available, else the numpy reference.
   """

@@ -1,0 +1,169 @@
+"""Input pipeline on grain: config, dataset construction, and a checkpointable batch iterator.
+
+Epoch semantics: each process sees `per_process = len(dataset) // process_count` examples (a strided shard,
+so every host has the same number of steps); each epoch visits them in a fresh order drawn from `seed` and
+the epoch number (grain's index shuffle); with drop_remainder the last partial batch of every epoch is
+dropped, so batches never mix two epochs. The iterator is grain's DatasetIterator: get_state() is a small
+dict ({'next_index': k}) to store in a checkpoint, and set_state() resumes mid-epoch with identical batches.
+"""
+import os
+
+import grain
+import ml_collections
+import numpy as np
+
+from dpcr_jax.data import categories
+from dpcr_jax.data.attdpcr_h5 import AttDPCRH5Source
+from dpcr_jax.data.pix3d import Pix3DSource
+from dpcr_jax.data.psgn import PSGNSource
+from dpcr_jax.data.r2n2 import R2N2Source
+
+SOURCES = ("attdpcr_h5", "r2n2", "psgn", "pix3d")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Data options shared by training and evaluation.
+
+  Fields:
+    source: 'attdpcr_h5' (AttentionDPCR per-category HDF5; also the synthetic root), 'r2n2' (ShapeNetRendering +
+      ShapeNet_pointclouds + split lists), 'psgn' (PSGN zlib batches), 'pix3d' (pix3d.json; evaluation only).
+    root: dataset folder (synthetic root, attdpcr folder, R2N2 root, PSGN folder or Pix3D root).
+    image_size: network input side; images are resized when stored at another size.
+    n_sparse, n_mid, n_dense: point counts (sparse/mid are FPS subsets; n_mid = 0 drops points_mid).
+    shuffle: shuffle each epoch (the original AttentionDPCR fetcher never shuffles and is category-blocked;
+      True is our default).
+    categories: list of names or synsets; None = all 13.
+    skip_missing: skip (and count/report) models or files with missing/bad data instead of raising.
+    num_workers: reader threads (each builds whole batches); 2 suits a 2-core machine.
+    prefetch: batches buffered ahead of the consumer.
+    with_model_id: add 'model_id' (numpy str array) to batches.
+    shard_by_process: split examples across jax processes (multi-host).
+    r2n2_split_file: model-list JSON ('' = <root>/splits/{train,val}_models.json); the real lists are in
+      ../shared/data/shapenet-splits.
+    r2n2_background: grey level under transparent pixels (0 black = AttentionDPCR look, 1 white = R2N2).
+    r2n2_lmnet_crop: crop 137 -> 128 ([4:-5]) like 3D-LMNet before resizing.
+    r2n2_frame: 'canonical' (object frame, as stored) or 'view' (camera frame of each view).
+    pix3d_pad: Pix3D long side = image_size - pad (70 at 256, like LMNet's 35 at 128).
+    psgn_mask_background: black out PSGN's grey background with the depth mask.
+    psgn_split_dir: R2N2 split lists used to map PSGN model ids to categories ('' = ../shared path).
+  """
+  c = ml_collections.ConfigDict()
+  c.source = "attdpcr_h5"
+  c.root = ""
+  c.image_size = 256
+  c.n_sparse = 1024
+  c.n_mid = 4096
+  c.n_dense = 16384
+  c.shuffle = True
+  c.categories = ml_collections.config_dict.placeholder(list)
+  c.skip_missing = False
+  c.num_workers = 2
+  c.prefetch = 2
+  c.with_model_id = False
+  c.shard_by_process = True
+  c.r2n2_split_file = ""
+  c.r2n2_background = 0.0
+  c.r2n2_lmnet_crop = False
+  c.r2n2_frame = "canonical"
+  c.pix3d_pad = 70
+  c.psgn_mask_background = True
+  c.psgn_split_dir = ""
+  return c
+
+
+def make_source(config, split: str):
+  """The random-access source (len / getitem -> example dict) for a config and split."""
+  if config.source not in SOURCES:
+    raise ValueError(f"data.source must be one of {SOURCES}, got {config.source!r}")
+  if not config.root:
+    raise ValueError("data.root is empty: set it to the dataset folder")
+  if not os.path.isdir(config.root):
+    raise FileNotFoundError(f"data.root {config.root!r} is not a folder")
+  cats = list(config.categories) if config.categories is not None else None
+  n_mid = config.n_mid or None
+  common = dict(image_size=config.image_size, n_sparse=config.n_sparse, n_mid=n_mid, n_dense=config.n_dense,
+                skip_missing=config.skip_missing)
+  if config.source == "attdpcr_h5":
+    split = {"val": "test"}.get(split, split)
+    return AttDPCRH5Source(config.root, split, category_list=cats, **common)
+  if config.source == "r2n2":
+    return R2N2Source(config.root, split, split_file=config.r2n2_split_file or None, category_list=cats,
+                      background=config.r2n2_background, lmnet_crop=config.r2n2_lmnet_crop,
+                      frame=config.r2n2_frame, **common)
+  if config.source == "psgn":
+    split_dir = config.psgn_split_dir or os.path.join(SHARED_DATA, "shapenet-splits")
+    return PSGNSource(config.root, split, mask_background=config.psgn_mask_background,
+                      split_dir=split_dir if os.path.isdir(split_dir) else None, **common)
+  return Pix3DSource(config.root, pad=config.pix3d_pad, category_list=cats, **common)  # no splits: all = test
+
+
+class _Examples:
+  """Drops keys the config did not ask for (model_id) so that batches are numeric by default."""
+
+  def __init__(self, source, with_model_id: bool):
+    self._source, self._with_model_id = source, with_model_id
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    ex = self._source[index]
+    if not self._with_model_id:
+      ex.pop("model_id", None)
+    return ex
+
+
+def make_dataset(config, split: str) -> grain.MapDataset:
+  """grain.MapDataset of example dicts (unshuffled, unsharded, unbatched)."""
+  return grain.MapDataset.source(_Examples(make_source(config, split), config.with_model_id))
+
+
+def _process_shard(shard_by_process: bool) -> tuple[int, int]:
+  if not shard_by_process:
+    return 0, 1
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index(), jax.process_count()
+
+
+def make_iterator(config, split: str, batch_size: int, seed: int, shuffle: bool | None = None,
+                  num_epochs: int | None = None, drop_remainder: bool = True) -> grain.DatasetIterator:
+  """Checkpointable iterator of numpy batch dicts.
+
+  Batches: image [B,H,W,3] f32 in [0,1]; points_sparse [B,n_sparse,3], points_mid [B,n_mid,3] (if n_mid),
+  points_dense [B,n_dense,3] f32; category [B] int32; view [B] int32; model_id [B] str (with_model_id).
+  Args:
+    shuffle: None = config.shuffle.
+    num_epochs: None = repeat forever.
+    drop_remainder: drop the last partial batch of each epoch (else each epoch ends with a smaller batch).
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  shuffle = config.shuffle if shuffle is None else shuffle
+  examples = make_dataset(config, split)
+  process, count = _process_shard(config.shard_by_process)
+  per_process = len(examples) // count
+  if per_process == 0:
+    raise ValueError(f"{split}: {len(examples)} examples cannot be sharded over {count} processes")
+  batches_per_epoch = per_process // batch_size if drop_remainder else -(-per_process // batch_size)
+  if batches_per_epoch == 0:
+    raise ValueError(f"{split}: {per_process} examples per process < batch_size {batch_size} "
+                     "with drop_remainder=True")
+  order = grain.MapDataset.range(per_process)
+  if shuffle:
+    order = order.shuffle(seed % 2**32)  # order[e * per_process + j] = position j of epoch e's permutation
+
+  def load_batch(step, _):
+    epoch, b = divmod(step, batches_per_epoch)
+    positions = range(b * batch_size, min((b + 1) * batch_size, per_process))
+    locals_ = [order[epoch * per_process + j] for j in positions]
+    return _stack([examples[process + count * int(i)] for i in locals_])
+
+  ds = grain.MapDataset.range(batches_per_epoch).repeat(num_epochs).map_with_index(load_batch)
+  options = grain.ReadOptions(num_threads=max(config.num_workers, 1), prefetch_buffer_size=max(config.prefetch, 1))
+  return iter(ds.to_iter_dataset(options))
+
+
+def _stack(examples: list[dict]) -> dict:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
