@@ -1,0 +1,155 @@
+// Shared helpers for the xla_ops CUDA handlers: shape validation (same rules as the CPU handlers, so a bad
+// call is rejected with InvalidArgument before anything is launched), launch-error reporting, grid sizing,
+// scratch memory and the block reductions the kernels share.
+//
+// Conventions on top of common.h:
+//  * Every handler runs on XLA's stream (.Ctx<ffi::PlatformStream<cudaStream_t>>()) and never synchronises.
+//  * Every launch is followed by CheckLaunch(), which turns cudaGetLastError() into ffi::Error::Internal.
+//  * Offsets into [B, N, ...] arrays are int64 (B*N*M overflows int32 for dense point sets).
+//  * Grids are one-dimensional (gridDim.x allows 2^31-1 blocks; y and z stop at 65535), either grid-stride
+//    loops or one block per (batch item, tile) with the pair decoded from blockIdx.x.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+
+#include "common.h"
+
+namespace xla_ops {
+namespace cuda {
+
+#define XLA_OPS_RETURN_IF_ERROR(expr)   \
+  do {                                  \
+    ::xla_ops::ffi::Error _err = (expr); \
+    if (_err.failure()) return _err;    \
+  } while (0)
+
+inline std::string DimsString(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+// Flattens `buffer` to a PointShape [B, N, C] (common.h) after checking its dtype; `what` names it in errors.
+// N must fit the int32 indices the ops return.
+inline ffi::ErrorOr<PointShape> PointsOf(const char* op, const char* what, const ffi::AnyBuffer& buffer,
+                                         ffi::DataType dtype) {
+  if (buffer.element_type() != dtype)
+    return ffi::Unexpected(InvalidArgument(
+        op, std::string(what) + " must be " + (dtype == ffi::F32 ? "float32" : "int32")));
+  auto shape = AsPointShape(buffer.dimensions(), what);
+  if (shape.has_error()) return ffi::Unexpected(InvalidArgument(op, shape.error().message()));
+  if (shape->n > std::numeric_limits<int32_t>::max())
+    return ffi::Unexpected(InvalidArgument(op, std::string(what) + " has too many points for int32 indices"));
+  return shape;
+}
+
+// Checks that a result buffer has `dtype` and exactly `count` elements.
+inline ffi::Error CheckResult(const char* op, const char* what, const ffi::AnyBuffer& buffer, ffi::DataType dtype,
+                              int64_t count) {
+  if (buffer.element_type() != dtype)
+    return InvalidArgument(op, std::string(what) + " must be " + (dtype == ffi::F32 ? "float32" : "int32"));
+  if (static_cast<int64_t>(buffer.element_count()) != count)
+    return InvalidArgument(op, std::string(what) + " has " + std::to_string(buffer.element_count()) +
+                                   " elements, expected " + std::to_string(count));
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckSameBatch(const char* op, const char* a, const PointShape& sa, const char* b,
+                                 const PointShape& sb) {
+  if (sa.b != sb.b)
+    return InvalidArgument(op, std::string("batch mismatch: ") + a + " has " + std::to_string(sa.b) + ", " + b +
+                                   " has " + std::to_string(sb.b));
+  return ffi::Error::Success();
+}
+
+// Turns the sticky launch error (bad configuration, no kernel image for this GPU, ...) into an ffi::Error.
+inline ffi::Error CheckLaunch(const char* op) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckCuda(const char* op, cudaError_t err) {
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+// Zero-fills a device buffer on `stream` (the *_grad handlers scatter-add into their outputs).
+inline ffi::Error ZeroAsync(const char* op, void* data, size_t bytes, cudaStream_t stream) {
+  if (bytes == 0) return ffi::Error::Success();
+  return CheckCuda(op, cudaMemsetAsync(data, 0, bytes, stream));
+}
+
+// Device scratch from XLA's allocator. It is released when the ScratchAllocator is destroyed, i.e. when the
+// handler returns; this is safe because XLA's allocator is ordered on the same stream as our kernels (the
+// pattern jaxlib's own GPU kernels use for their workspaces).
+template <typename T>
+inline ffi::ErrorOr<T*> AllocateScratch(const char* op, ffi::ScratchAllocator& scratch, int64_t count) {
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
+  std::optional<void*> ptr = scratch.Allocate(bytes, 256);
+  if (!ptr.has_value() || *ptr == nullptr)
+    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                                      std::string(op) + ": could not allocate " + std::to_string(bytes) +
+                                          " bytes of scratch memory"));
+  return static_cast<T*>(*ptr);
+}
+
+constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+
+// Blocks for a grid-stride loop over `work` items (capped; the loop covers the rest).
+inline unsigned int StrideBlocks(int64_t work, int threads) {
+  const int64_t blocks = (work + threads - 1) / threads;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));
+}
+
+__host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid-stride loop over [0, n) with int64 indices.
+#define XLA_OPS_GRID_STRIDE(i, n)                                                                        \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);                 \
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+// ---- device helpers -------------------------------------------------------------------------------
+
+// Squared distance with round-to-nearest intrinsics: nvcc may not contract them into FMAs, so the value is
+// bit-identical to the CPU handlers' float `dx*dx + dy*dy + dz*dz`, and index-selecting ops (FPS, ball
+// query, knn, three_nn, nn_distance) resolve near-ties the same way on both platforms.
+__device__ __forceinline__ float SqDist3(float ax, float ay, float az, float bx, float by, float bz) {
+  const float dx = ax - bx, dy = ay - by, dz = az - bz;
+  return __fadd_rn(__fadd_rn(__fmul_rn(dx, dx), __fmul_rn(dy, dy)), __fmul_rn(dz, dz));
+}
+
+// Block-wide sum of `v` (blockDim.x a multiple of 32, at most 1024). Every thread gets the total. The order
+// of the additions is fixed, so the result is deterministic for a given block size. `shared` holds 32 floats.
+__device__ __forceinline__ float BlockSum(float v, float* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  __syncthreads();  // `shared` may still be read by a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? shared[lane] : 0.0f;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    if (lane == 0) shared[0] = v;
+  }
+  __syncthreads();
+  return shared[0];
+}
+
+// (value, index) argmax step: the larger value wins, equal values go to the lower index.
+__device__ __forceinline__ void ArgmaxMerge(float& best, int& best_i, float other, int other_i) {
+  if (other > best || (other == best && other_i < best_i)) {
+    best = other;
+    best_i = other_i;
+  }
+}
+
+}  // namespace cuda
+}  // namespace xla_ops
