@@ -144,7 +144,10 @@ def patch_training(monkeypatch_setattr):
 
 if __name__ == "__main__":
   # Subprocess entry for the kill-and-resume test: python tests/standins.py WORKDIR NUM_STEPS
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from dpcr_jax import train  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
   patch_training(setattr)
   workdir, num_steps = sys.argv[1], int(sys.argv[2])
   cfg = tiny_config("sparse", os.path.dirname(os.path.abspath(__file__)))
