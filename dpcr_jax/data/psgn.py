@@ -2,7 +2,9 @@
 
 Each batch_NN.zlib is a raw zlib stream of 32 samples: color uint8 [32,192,256,3] (textured, grey
 background), depth uint16 [32,192,256] (0 = background), rotmat f32 [32,3,3], ptcloud uint8 [32,16384,3],
-reeb uint16 [32,1024,4], then newline-separated model ids. Split: validation = batch 15, train = the rest.
+reeb uint16 [32,1024,4], then newline-separated model ids. The colour channels are BGR (OpenCV order) and
+are flipped to RGB here [inferred: red cars and brown wood only look right flipped, and the foreground
+means then give R > G > B]. Split: validation = batch 15, train = the rest.
 Points are de-quantised into PSGN's view-aligned frame (not the AttentionDPCR camera frame): evaluate
 after the per-cloud unit-cube normalisation. points_sparse / points_mid are FPS subsets computed on first
 access of each file and cached in memory.
@@ -149,7 +151,7 @@ class PSGNSource:
       raise IndexError(f"index {index} out of range [0, {len(self)})")
     f, i = divmod(index, BATCH)
     entry = self._load(f)
-    color = entry["color"][i]
+    color = entry["color"][i][..., ::-1]  # BGR -> RGB
     if self.mask_background:
       color = color * entry["mask"][i][..., None]
     pad = (WIDTH - HEIGHT) // 2

@@ -42,6 +42,7 @@ class GeneratorOptions:
   sampling: str = "deterministic"  # or 'iid'
   renderer: str = "auto"  # 'auto' | 'moderngl' | 'numpy'
   compression: str | None = "lzf"  # HDF5 compression of the image datasets
+  fps: str = "auto"  # 'auto' (xla_ops when available) | 'numpy'
 
 
 def pointcloud_filename(n: int) -> str:
@@ -86,7 +87,9 @@ def generate_model(root: str, synset: str, index: int, seed: int, opts: Generato
   vertices, faces = shapes.make_shape(synset, rng)
   dense = sampling.sample_surface(vertices, faces, opts.n_dense, rng, opts.sampling)
   # FPS once per model (FPS with a fixed start is invariant under the rigid per-view transforms).
-  fps = sampling.farthest_point_indices(dense, max(opts.n_mid, opts.n_sparse))
+  n_fps = max(opts.n_mid, opts.n_sparse)
+  fps = (sampling.farthest_point_indices_numpy(dense, n_fps) if opts.fps == "numpy"
+         else sampling.farthest_point_indices(dense, n_fps))
   subsets = {opts.n_dense: np.arange(opts.n_dense), opts.n_mid: fps[:opts.n_mid], opts.n_sparse: fps[:opts.n_sparse]}
 
   obj_dir = os.path.join(root, "ShapeNetCore.v1", synset, mid)
@@ -159,7 +162,7 @@ def generate_synthetic(root: str, models_per_category: int, seed: int = 0, image
     workers: processes (1 = in this process).
     categories: names or synsets (None = all 13).
     progress: show a tqdm bar.
-    **options: further GeneratorOptions fields (n_views, r2n2_views, sampling, renderer, compression).
+    **options: further GeneratorOptions fields (n_views, r2n2_views, sampling, renderer, compression, fps).
   Returns:
     Summary dict (counts, seconds, models_per_s, images_per_s, renderer, paths).
   """
