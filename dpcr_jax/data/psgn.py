@@ -118,6 +118,8 @@ class PSGNSource:
           log.fail(path, str(e))
       self._files = good
       log.report()
+      if not good:
+        raise DataError(f"psgn: no usable {split} batch files in {root} ({len(log.skipped)} bad)")
     self.skipped = log.skipped
     self._cache = collections.OrderedDict()
     self._cache_files = cache_files
