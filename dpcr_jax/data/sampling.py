@@ -1,4 +1,6 @@
 """Area-weighted surface sampling and farthest point sampling (FPS)."""
+import logging
+
 import numpy as np
 
 
@@ -84,13 +86,38 @@ def farthest_point_indices_numpy(points: np.ndarray, n: int, start: int = 0) -> 
   return idx.reshape(points.shape[:-2] + (n,))
 
 
-def farthest_point_indices(points: np.ndarray, n: int) -> np.ndarray:
-  """FPS indices [...,n] int32 for points [...,N,3], with start index 0, so prefixes are FPS subsets (fps(P,4096)[:1024] == fps(P,1024)).
+_XLA_FPS = None  # resolved on first use: xla_ops' FFI op, or False when unavailable
 
-  Uses xla_ops.farthest_point_sample when it is available, else the numpy reference.
+
+def _xla_fps():
+  global _XLA_FPS
+  if _XLA_FPS is None:
+    try:
+      from xla_ops import farthest_point_sample  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      try:
+        from xla_ops.sampling import farthest_point_sample  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        farthest_point_sample = None
+    _XLA_FPS = farthest_point_sample or False
+  return _XLA_FPS
+
+
+def farthest_point_indices(points: np.ndarray, n: int) -> np.ndarray:
+  """FPS indices [...,n] int32 for points [...,N,3], with start index 0, so prefixes are FPS subsets
+  (fps(P,4096)[:1024] == fps(P,1024)).
+
+  Uses xla_ops.farthest_point_sample (C++ FFI, ~5x faster) when it is importable and runs, else the numpy
+  reference (with a one-line warning if the op exists but fails, e.g. a stale build).
   """
-  try:
-    from xla_ops import farthest_point_sample  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return farthest_point_indices_numpy(points, n)
-  return np.asarray(farthest_point_sample(np.asarray(points, np.float32), n)).astype(np.int32)
+  global _XLA_FPS
+  fps = _xla_fps()
+  if fps:
+    try:
+      return np.asarray(fps(np.asarray(points, np.float32), n)).astype(np.int32)
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, ValueError):
+        raise
+      logging.warning("xla_ops.farthest_point_sample failed (%s: %s); using the numpy FPS.", type(e).__name__, e)
+      _XLA_FPS = False
+  return farthest_point_indices_numpy(points, n)
