@@ -27,6 +27,7 @@ ffi::Error ThreeNnImpl(cudaStream_t stream, ffi::AnyBuffer unknown, ffi::AnyBuff
     return InvalidArgument(kThreeNnOp, "unknown and known must have 3 channels, got " + std::to_string(su->c) +
                                            " and " + std::to_string(sk->c));
   XLA_OPS_RETURN_IF_ERROR(CheckSameBatch(kThreeNnOp, "unknown", *su, "known", *sk));
+  if (sk->n < 1) return InvalidArgument(kThreeNnOp, "known needs at least one point");
   XLA_OPS_RETURN_IF_ERROR(CheckResult(kThreeNnOp, "dist", *dist, ffi::F32, su->b * su->n * 3));
   XLA_OPS_RETURN_IF_ERROR(CheckResult(kThreeNnOp, "idx", *idx, ffi::S32, su->b * su->n * 3));
   return LaunchNearestK<3>(kThreeNnOp, stream, su->b, su->n, sk->n, unknown.typed_data<float>(),
