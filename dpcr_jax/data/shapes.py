@@ -46,6 +46,16 @@ def _frustum(p0, p1, r0, r1) -> trimesh.Trimesh:
   return trimesh.Trimesh(v, m.faces, process=False)
 
 
+def _beam(p0, p1, thick) -> trimesh.Trimesh:
+  """Square-section bar from p0 to p1."""
+  axis = np.asarray(p1, float) - np.asarray(p0, float)
+  length = np.linalg.norm(axis)
+  m = trimesh.creation.box(extents=[thick, thick, length])
+  m.apply_transform(trimesh.geometry.align_vectors([0, 0, 1], axis / length))
+  m.apply_translation((np.asarray(p0, float) + np.asarray(p1, float)) / 2)
+  return m
+
+
 def _capsule(p0, p1, radius) -> trimesh.Trimesh:
   axis = np.asarray(p1, float) - np.asarray(p0, float)
   length = np.linalg.norm(axis)
@@ -77,15 +87,13 @@ def _u(rng, lo, hi):
   return float(rng.uniform(lo, hi))
 
 
-def _legs(parts, rng, half_x, half_z, top_y, bottom_y, thick, round_legs, splay=0.0):
+def _legs(parts, half_x, half_z, top_y, bottom_y, thick, round_legs, splay=0.0):
+  """Four legs at (+-half_x, +-half_z), optionally splayed outwards at the bottom."""
   for sx in (-1, 1):
     for sz in (-1, 1):
       top = [sx * half_x, top_y, sz * half_z]
       bot = [sx * (half_x + splay), bottom_y, sz * (half_z + splay)]
-      if round_legs:
-        parts.append(_cyl(bot, top, thick / 2))
-      else:
-        parts.append(_frustum(bot, top, thick / 2, thick / 2))  # 16-sided "square-ish" legs look fine
+      parts.append(_cyl(bot, top, thick / 2) if round_legs else _beam(bot, top, thick))
   return parts
 
 
@@ -105,7 +113,7 @@ def chair(rng) -> list:
       a = 2 * np.pi * k / 5
       parts.append(_cyl([0, 0.04, 0], [0.3 * d * 1.4 * np.cos(a), 0.02, 0.3 * w * 1.4 * np.sin(a)], 0.02))
   else:
-    _legs(parts, rng, d / 2 - leg_t, w / 2 - leg_t, seat_y, 0.0, leg_t, rng.random() < 0.5,
+    _legs(parts, d / 2 - leg_t, w / 2 - leg_t, seat_y, 0.0, leg_t, rng.random() < 0.5,
           splay=_u(rng, 0, 0.04))
     if rng.random() < 0.35:  # rungs
       parts.append(_cyl([d / 2 - leg_t, 0.12, -w / 2 + leg_t], [d / 2 - leg_t, 0.12, w / 2 - leg_t], leg_t / 3))
@@ -129,7 +137,7 @@ def table(rng) -> list:
   leg_t = _u(rng, 0.03, 0.08)
   parts = [_box([length, top_t, width], [0, h - top_t / 2, 0])]
   inset = _u(rng, 0.0, 0.08)
-  _legs(parts, rng, length / 2 - leg_t - inset, width / 2 - leg_t - inset, h - top_t, 0.0, leg_t,
+  _legs(parts, length / 2 - leg_t - inset, width / 2 - leg_t - inset, h - top_t, 0.0, leg_t,
         rng.random() < 0.4)
   if rng.random() < 0.35:  # lower shelf
     parts.append(_box([length - 2 * inset, 0.02, width - 2 * inset], [0, h * _u(rng, 0.15, 0.35), 0]))
@@ -156,7 +164,7 @@ def sofa(rng) -> list:
     parts.append(_box([depth - back_t, cush_h, cw * 0.96],
                       [back_t / 2, leg_h + base_h + cush_h / 2, -length / 2 + cw * (k + 0.5)]))
   if leg_h > 0.02:
-    _legs(parts, rng, depth / 2 - 0.04, length / 2 + arm_w - 0.04, leg_h, 0.0, 0.04, True)
+    _legs(parts, depth / 2 - 0.04, length / 2 + arm_w - 0.04, leg_h, 0.0, 0.04, True)
   return parts
 
 
@@ -167,7 +175,7 @@ def bench(rng) -> list:
     for sz in (-1, 1):
       parts.append(_box([depth * 0.9, h - t, 0.04], [0, (h - t) / 2, sz * (length / 2 - 0.08)]))
   else:
-    _legs(parts, rng, depth / 2 - 0.04, length / 2 - 0.06, h - t, 0.0, 0.04, rng.random() < 0.5)
+    _legs(parts, depth / 2 - 0.04, length / 2 - 0.06, h - t, 0.0, 0.04, rng.random() < 0.5)
   if rng.random() < 0.5:  # backrest
     back_h = _u(rng, 0.25, 0.45)
     for sz in (-1, 1):
@@ -192,7 +200,7 @@ def cabinet(rng) -> list:
     parts.append(_box([0.02, dy * 0.92, dz * 0.92], c))
     parts.append(_box([0.03, 0.02, min(0.12, dz * 0.4)], [c[0] + 0.02, c[1] + (dy * 0.3 if not side_by_side else 0), c[2]]))
   if leg_h > 0.02:
-    _legs(parts, rng, d / 2 - 0.04, w / 2 - 0.04, leg_h, 0.0, 0.04, True)
+    _legs(parts, d / 2 - 0.04, w / 2 - 0.04, leg_h, 0.0, 0.04, True)
   return parts
 
 

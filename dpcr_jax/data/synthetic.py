@@ -24,7 +24,7 @@ from PIL import Image
 import tqdm
 
 from dpcr_jax.data import camera
-from dpcr_jax.data import categories
+from dpcr_jax.data import categories as categories_lib
 from dpcr_jax.data import render
 from dpcr_jax.data import sampling
 from dpcr_jax.data import shapes
@@ -171,7 +171,7 @@ def generate_synthetic(root: str, models_per_category: int, seed: int = 0, image
   if models_per_category < 2:
     raise ValueError(f"models_per_category must be >= 2 (80/20 split), got {models_per_category}")
   opts = GeneratorOptions(image_size=image_size, n_dense=n_dense, n_mid=n_mid, n_sparse=n_sparse, **options)
-  synsets = categories_mod.resolve_categories(categories)
+  synsets = categories_lib.resolve_categories(categories)
   os.makedirs(root, exist_ok=True)
   start = time.time()
 
@@ -180,7 +180,7 @@ def generate_synthetic(root: str, models_per_category: int, seed: int = 0, image
   tasks, slots = [], []
   for syn in synsets:
     ids = {model_id(syn, seed, i): i for i in range(models_per_category)}
-    train, test = categories_mod.split_models(list(ids))
+    train, test = categories_lib.split_models(list(ids))
     for split, split_ids in (("train", train), ("test", test)):
       splits[split][syn] = split_ids
       for row, mid in enumerate(split_ids):
@@ -246,5 +246,3 @@ def _open_h5_files(att, splits, opts) -> dict:
         out[(split, syn, f"point_{n}")] = f.create_dataset("point", (rows, n, 3), np.float32, chunks=(1, n, 3))
   return out
 
-
-categories_mod = categories  # `categories` is also an argument name of generate_synthetic
