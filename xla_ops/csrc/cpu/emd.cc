@@ -1,0 +1,505 @@
+// Approximate EMD on CPU: approx_match (the multi-scale soft auction of the original GPU kernel,
+// metric/tf_approxmatch_g.cu), match_cost and match_cost_grad. float32 throughout, like the GPU kernel.
+//
+// Parallelism and determinism: approx_match is 10 rounds of 3 passes (ratioL over xyz1, ratioR over xyz2,
+// match/remainL over xyz1); each pass is split into fixed blocks of kBlock points of one batch item, run on
+// XLA's intra-op pool *and* the calling thread, with a barrier between passes. Every output element is
+// computed by exactly one thread, summing in index order, so results do not depend on the thread count.
+// Memory: O(B * (n + m)) besides the [B, m, n] output.
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+
+#include "common.h"
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+// The hot loops are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time. They need
+// -fno-trapping-math (the selects in ExpNonPositive compare floats) and -fno-math-errno (sqrt) to vectorise;
+// none of this code relies on floating-point exception flags or errno. Header functions (std::max, std::sqrt)
+// would not be inlined into code with other optimisation options, hence the local Min/Max/Sqrt.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define XLA_OPS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#pragma GCC optimize("no-trapping-math,no-math-errno")
+#else
+#define XLA_OPS_SIMD_CLONES
+#endif
+
+namespace xla_ops {
+namespace {
+
+constexpr const char* kMatchOp = "xla_ops_approx_match";
+constexpr const char* kCostOp = "xla_ops_match_cost";
+constexpr const char* kCostGradOp = "xla_ops_match_cost_grad";
+constexpr int64_t kBlock = 256;  // points per work item (fixed: independent of the thread count)
+constexpr int kRounds = 10;      // j = 7, 6, ..., -2
+
+// Runs fn(item) for every item in [0, count) on the pool and on the calling thread, and returns when all
+// are done (a barrier). Unlike ParallelFor (common.h) it blocks, which lets a handler run several dependent
+// passes while its ThreadPool context is valid. It cannot deadlock: the caller works through the items
+// itself and only waits for items that a running thread has already taken.
+void RunParallel(const ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> fn) {
+  if (count <= 0) return;
+  struct State {
+    std::function<void(int64_t)> fn;
+    int64_t count;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  state->fn = std::move(fn);
+  state->count = count;
+  auto work = [](State& s) {
+    for (int64_t i = s.next.fetch_add(1); i < s.count; i = s.next.fetch_add(1)) {
+      s.fn(i);
+      if (s.done.fetch_add(1) + 1 == s.count) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        s.cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  ffi::ThreadPool pool_copy = pool;
+  // A helper that starts late finds no item left and returns without touching fn's captures.
+  for (int64_t h = 0; h < helpers; ++h) pool_copy.Schedule([state, work]() { work(*state); });
+  work(*state);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == state->count; });
+}
+
+int64_t NumBlocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
+
+template <typename To, typename From>
+inline To BitCast(From v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
+// exp(x) for x <= 0 in float32, branch-free so that the loops vectorise: Cephes expf (range reduction by
+// ln 2, degree-5 polynomial, ~1 ulp). Results below 2^-125 (x < -87) are flushed to 0 instead of becoming
+// denormals; NaN stays NaN.
+inline float ExpNonPositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float t = xc * kLog2e + kRound;
+  const float nf = t - kRound;
+  const float r = (xc - nf * kLn2Hi) - nf * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t e = BitCast<int32_t>(t) - BitCast<int32_t>(kRound);
+  const float y = p * BitCast<float>((e + 127) << 23);
+  return x < -87.0f ? 0.0f : y;
+}
+
+// Sets flush-to-zero and denormals-are-zero for the current thread while alive: the tiny products of the
+// early, sharp rounds (exp(-80) * ratio) would otherwise hit the very slow denormal paths of x86 CPUs.
+class FlushDenormals {
+ public:
+#if defined(__SSE__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
+inline float Min(float a, float b) { return b < a ? b : a; }
+inline float Max(float a, float b) { return a < b ? b : a; }
+inline float Sqrt(float x) { return __builtin_sqrtf(x); }
+
+inline float SqDist(float x1, float y1, float z1, float x2, float y2, float z2) {
+  const float dx = x2 - x1, dy = y2 - y1, dz = z2 - z1;
+  return dx * dx + dy * dy + dz * dz;
+}
+
+// Points of all batch items as structure of arrays (x[B*n], y[B*n], z[B*n]).
+struct Soa {
+  std::vector<float> x, y, z;
+  Soa(const float* xyz, int64_t count) : x(count), y(count), z(count) {
+    for (int64_t i = 0; i < count; ++i) {
+      x[i] = xyz[3 * i];
+      y[i] = xyz[3 * i + 1];
+      z[i] = xyz[3 * i + 2];
+    }
+  }
+};
+
+// ---- approx_match passes (one block of points of one batch item each) ----------------------------------
+// Pass 1: ratio_l[k] = remain_l[k] / (1e-9 + sum_l exp(level d_kl) remain_r[l]) for the block's k. Points
+// with remain_l == 0 get ratio 0 without the sum, and rows with remain_r == 0 add exactly 0, so both are
+// skipped (the inputs are finite).
+XLA_OPS_SIMD_CLONES
+void RatioLeft(const float* px, const float* py, const float* pz, int64_t count, const float* qx,
+               const float* qy, const float* qz, const float* remain_r, int64_t m, float level,
+               const float* remain_l, float* ratio_l) {
+  FlushDenormals ftz;
+  float acc[kBlock], x1[kBlock], y1[kBlock], z1[kBlock];
+  int64_t slot[kBlock];
+  int64_t active = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    ratio_l[k] = 0.0f;
+    if (remain_l[k] == 0.0f) continue;
+    x1[active] = px[k], y1[active] = py[k], z1[active] = pz[k], slot[active] = k;
+    acc[active++] = 1e-9f;
+  }
+  if (active == 0) return;
+  for (int64_t l = 0; l < m; ++l) {
+    const float r = remain_r[l];
+    if (r == 0.0f) continue;
+    const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
+    for (int64_t k = 0; k < active; ++k)
+      acc[k] += ExpNonPositive(level * SqDist(x1[k], y1[k], z1[k], x2, y2, z2)) * r;
+  }
+  for (int64_t k = 0; k < active; ++k) ratio_l[slot[k]] = remain_l[slot[k]] / acc[k];
+}
+
+// Pass 2: for the block's l, s = remain_r[l] * sum_k exp(level d_kl) ratio_l[k]; ratio_r[l] =
+// min(remain_r[l] / (s + 1e-9), 1) * remain_r[l]; remain_r[l] = max(0, remain_r[l] - s). Points with
+// remain_r == 0 keep it and get ratio 0 without the sum; columns with ratio_l == 0 add exactly 0.
+XLA_OPS_SIMD_CLONES
+void RatioRight(const float* qx, const float* qy, const float* qz, int64_t count, const float* px,
+                const float* py, const float* pz, const float* ratio_l, int64_t n, float level,
+                float* remain_r, float* ratio_r) {
+  FlushDenormals ftz;
+  float acc[kBlock], x2[kBlock], y2[kBlock], z2[kBlock];
+  int64_t slot[kBlock];
+  int64_t active = 0;
+  for (int64_t l = 0; l < count; ++l) {
+    ratio_r[l] = 0.0f;
+    if (remain_r[l] == 0.0f) continue;
+    x2[active] = qx[l], y2[active] = qy[l], z2[active] = qz[l], slot[active] = l;
+    acc[active++] = 0.0f;
+  }
+  if (active == 0) return;
+  for (int64_t k = 0; k < n; ++k) {
+    const float rl = ratio_l[k];
+    if (rl == 0.0f) continue;
+    const float x1 = px[k], y1 = py[k], z1 = pz[k];
+    for (int64_t l = 0; l < active; ++l)
+      acc[l] += ExpNonPositive(level * SqDist(x1, y1, z1, x2[l], y2[l], z2[l])) * rl;
+  }
+  for (int64_t i = 0; i < active; ++i) {
+    const int64_t l = slot[i];
+    const float remain = remain_r[l];
+    const float s = acc[i] * remain;
+    ratio_r[l] = Min(remain / (s + 1e-9f), 1.0f) * remain;
+    remain_r[l] = Max(0.0f, remain - s);
+  }
+}
+
+// Pass 3: match[l, k] += w = exp(level d_kl) ratio_l[k] ratio_r[l]; remain_l[k] = max(0, remain_l[k] - sum_l w)
+// for the block's k. `match` points at column k0 of row 0 (row stride n).
+XLA_OPS_SIMD_CLONES
+void UpdateMatch(const float* px, const float* py, const float* pz, int64_t count, const float* qx,
+                 const float* qy, const float* qz, const float* ratio_r, int64_t m, float level,
+                 const float* ratio_l, float* remain_l, float* match, int64_t n) {
+  FlushDenormals ftz;
+  float acc[kBlock];
+  for (int64_t k = 0; k < count; ++k) acc[k] = 0.0f;
+  for (int64_t l = 0; l < m; ++l) {
+    const float rr = ratio_r[l];
+    if (rr == 0.0f) continue;
+    const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
+    float* row = match + l * n;
+    for (int64_t k = 0; k < count; ++k) {
+      const float w = ExpNonPositive(level * SqDist(px[k], py[k], pz[k], x2, y2, z2)) * ratio_l[k] * rr;
+      row[k] += w;
+      acc[k] += w;
+    }
+  }
+  for (int64_t k = 0; k < count; ++k) remain_l[k] = Max(0.0f, remain_l[k] - acc[k]);
+}
+
+bool AllFinite(const float* v, int64_t count) {
+  for (int64_t i = 0; i < count; ++i)
+    if (!std::isfinite(v[i])) return false;
+  return true;
+}
+
+ffi::Error CheckPair(const char* op, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, PointShape* s1, PointShape* s2) {
+  auto a = AsPointShape(xyz1.dimensions(), "xyz1");
+  if (a.has_error()) return a.error();
+  auto b = AsPointShape(xyz2.dimensions(), "xyz2");
+  if (b.has_error()) return b.error();
+  if (xyz1.element_type() != ffi::F32 || xyz2.element_type() != ffi::F32)
+    return InvalidArgument(op, "xyz1 and xyz2 must be float32");
+  if (a->c != 3 || b->c != 3)
+    return InvalidArgument(op, "xyz1 and xyz2 must have 3 channels, got " + std::to_string(a->c) + " and " +
+                                   std::to_string(b->c));
+  if (a->b != b->b)
+    return InvalidArgument(op, "batch mismatch: xyz1 has " + std::to_string(a->b) + ", xyz2 has " +
+                                   std::to_string(b->b));
+  if (a->n < 1 || b->n < 1) return InvalidArgument(op, "xyz1 and xyz2 need at least one point");
+  *s1 = *a;
+  *s2 = *b;
+  return ffi::Error::Success();
+}
+
+ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2,
+                           ffi::Result<ffi::AnyBuffer> match) {
+  PointShape s1, s2;
+  if (auto err = CheckPair(kMatchOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
+  const int64_t nb = s1.b, n = s1.n, m = s2.n;
+  if (match->element_type() != ffi::F32 || match->element_count() != nb * m * n)
+    return InvalidArgument(kMatchOp, "match must be float32 [..., m, n]");
+  const float* p1 = xyz1.typed_data<float>();
+  const float* p2 = xyz2.typed_data<float>();
+  float* out = match->typed_data<float>();
+
+  const Soa a(p1, nb * n), b(p2, nb * m);
+  const float mass_l = n >= m ? 1.0f : static_cast<float>(m / n);
+  const float mass_r = n >= m ? static_cast<float>(n / m) : 1.0f;
+  std::vector<float> remain_l(nb * n, mass_l), ratio_l(nb * n), remain_r(nb * m, mass_r), ratio_r(nb * m);
+  std::vector<char> finite(nb);
+  for (int64_t i = 0; i < nb; ++i)
+    finite[i] = AllFinite(p1 + i * n * 3, n * 3) && AllFinite(p2 + i * m * 3, m * 3);
+
+  const int64_t blocks_l = NumBlocks(n), blocks_r = NumBlocks(m);
+  auto level_of = [](int round) {
+    return round == kRounds - 1 ? 0.0f : -std::pow(4.0f, static_cast<float>(7 - round));
+  };
+  // The three passes of one round for one block of batch item i.
+  auto ratio_left = [&](int64_t i, int64_t block, float level) {
+    const int64_t k0 = block * kBlock, o1 = i * n + k0, o2 = i * m;
+    RatioLeft(&a.x[o1], &a.y[o1], &a.z[o1], std::min(kBlock, n - k0), &b.x[o2], &b.y[o2], &b.z[o2],
+              &remain_r[o2], m, level, &remain_l[o1], &ratio_l[o1]);
+  };
+  auto ratio_right = [&](int64_t i, int64_t block, float level) {
+    const int64_t l0 = block * kBlock, o2 = i * m + l0, o1 = i * n;
+    RatioRight(&b.x[o2], &b.y[o2], &b.z[o2], std::min(kBlock, m - l0), &a.x[o1], &a.y[o1], &a.z[o1],
+               &ratio_l[o1], n, level, &remain_r[o2], &ratio_r[o2]);
+  };
+  auto update_match = [&](int64_t i, int64_t block, float level) {
+    const int64_t k0 = block * kBlock, o1 = i * n + k0, o2 = i * m;
+    UpdateMatch(&a.x[o1], &a.y[o1], &a.z[o1], std::min(kBlock, n - k0), &b.x[o2], &b.y[o2], &b.z[o2],
+                &ratio_r[o2], m, level, &ratio_l[o1], &remain_l[o1], out + i * m * n + k0, n);
+  };
+  auto init_item = [&](int64_t i) {  // zeros, or NaN for an example with a non-finite coordinate
+    std::fill(out + i * m * n, out + (i + 1) * m * n, finite[i] ? 0.0f : std::numeric_limits<float>::quiet_NaN());
+  };
+
+  // Two schedules with identical arithmetic (same blocks, same order within each output element):
+  // with enough batch items, one task per item runs all its rounds (no barriers, which matter on a busy
+  // machine); otherwise every pass is split into blocks over all items, with a barrier between passes.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (nb >= 2 * threads) {
+    RunParallel(pool, nb, [&](int64_t i) {
+      init_item(i);
+      if (!finite[i]) return;
+      for (int round = 0; round < kRounds; ++round) {
+        const float level = level_of(round);
+        for (int64_t blk = 0; blk < blocks_l; ++blk) ratio_left(i, blk, level);
+        for (int64_t blk = 0; blk < blocks_r; ++blk) ratio_right(i, blk, level);
+        for (int64_t blk = 0; blk < blocks_l; ++blk) update_match(i, blk, level);
+      }
+    });
+    return ffi::Error::Success();
+  }
+  RunParallel(pool, nb, init_item);
+  for (int round = 0; round < kRounds; ++round) {
+    const float level = level_of(round);
+    RunParallel(pool, nb * blocks_l, [&](int64_t item) {
+      if (finite[item / blocks_l]) ratio_left(item / blocks_l, item % blocks_l, level);
+    });
+    RunParallel(pool, nb * blocks_r, [&](int64_t item) {
+      if (finite[item / blocks_r]) ratio_right(item / blocks_r, item % blocks_r, level);
+    });
+    RunParallel(pool, nb * blocks_l, [&](int64_t item) {
+      if (finite[item / blocks_l]) update_match(item / blocks_l, item % blocks_l, level);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+// ---- match_cost and its gradient -------------------------------------------------------------------
+// For the block of xyz1 points k: column sums over l of match[l, k] * ||p_k - q_l|| (cost) and, when
+// grad1 != nullptr, of match[l, k] * (p_k - q_l) / max(||p_k - q_l||, 1e-10).
+XLA_OPS_SIMD_CLONES
+void CostColumns(const float* px, const float* py, const float* pz, int64_t count, const float* qx,
+                 const float* qy, const float* qz, int64_t m, const float* match, int64_t n, float* cost,
+                 float* grad1) {
+  float acc[kBlock], gx[kBlock], gy[kBlock], gz[kBlock];
+  for (int64_t k = 0; k < count; ++k) acc[k] = gx[k] = gy[k] = gz[k] = 0.0f;
+  for (int64_t l = 0; l < m; ++l) {
+    const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
+    const float* row = match + l * n;
+    if (grad1 == nullptr) {
+      for (int64_t k = 0; k < count; ++k) acc[k] += row[k] * Sqrt(SqDist(px[k], py[k], pz[k], x2, y2, z2));
+    } else {
+      for (int64_t k = 0; k < count; ++k) {
+        const float dx = px[k] - x2, dy = py[k] - y2, dz = pz[k] - z2;
+        const float g = row[k] / Max(Sqrt(dx * dx + dy * dy + dz * dz), 1e-10f);
+        gx[k] += g * dx;
+        gy[k] += g * dy;
+        gz[k] += g * dz;
+      }
+    }
+  }
+  if (grad1 == nullptr) {
+    for (int64_t k = 0; k < count; ++k) cost[k] = acc[k];
+  } else {
+    for (int64_t k = 0; k < count; ++k) {
+      grad1[3 * k] = gx[k];
+      grad1[3 * k + 1] = gy[k];
+      grad1[3 * k + 2] = gz[k];
+    }
+  }
+}
+
+// grad2[l] = sum_k match[l, k] * (q_l - p_k) / max(||q_l - p_k||, 1e-10) for the block's l; each row is summed
+// in 8 interleaved lanes (fixed order, vectorisable) that are added up in lane order.
+XLA_OPS_SIMD_CLONES
+void GradRows(const float* qx, const float* qy, const float* qz, int64_t count, const float* px,
+              const float* py, const float* pz, int64_t n, const float* match, float* grad2) {
+  constexpr int kLanes = 8;
+  for (int64_t l = 0; l < count; ++l) {
+    const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
+    const float* row = match + l * n;
+    float gx[kLanes] = {}, gy[kLanes] = {}, gz[kLanes] = {};
+    int64_t k0 = 0;
+    for (; k0 + kLanes <= n; k0 += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const float dx = x2 - px[k0 + j], dy = y2 - py[k0 + j], dz = z2 - pz[k0 + j];
+        const float g = row[k0 + j] / Max(Sqrt(dx * dx + dy * dy + dz * dz), 1e-10f);
+        gx[j] += g * dx;
+        gy[j] += g * dy;
+        gz[j] += g * dz;
+      }
+    }
+    for (int j = 0; k0 + j < n; ++j) {
+      const float dx = x2 - px[k0 + j], dy = y2 - py[k0 + j], dz = z2 - pz[k0 + j];
+      const float g = row[k0 + j] / Max(Sqrt(dx * dx + dy * dy + dz * dz), 1e-10f);
+      gx[j] += g * dx;
+      gy[j] += g * dy;
+      gz[j] += g * dz;
+    }
+    float sx = 0.0f, sy = 0.0f, sz = 0.0f;
+    for (int j = 0; j < kLanes; ++j) {
+      sx += gx[j];
+      sy += gy[j];
+      sz += gz[j];
+    }
+    grad2[3 * l] = sx;
+    grad2[3 * l + 1] = sy;
+    grad2[3 * l + 2] = sz;
+  }
+}
+
+ffi::Error CheckMatch(const char* op, ffi::AnyBuffer match, const PointShape& s1, const PointShape& s2) {
+  const auto dims = match.dimensions();
+  if (match.element_type() != ffi::F32 || dims.size() < 2 || dims[dims.size() - 2] != s2.n ||
+      dims[dims.size() - 1] != s1.n || LeadingSize(dims, 2) != s1.b)
+    return InvalidArgument(op, "match must be float32 [..., m, n] with m = " + std::to_string(s2.n) +
+                                   ", n = " + std::to_string(s1.n) + " and the batch of xyz1");
+  return ffi::Error::Success();
+}
+
+ffi::Error MatchCostImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer match,
+                         ffi::Result<ffi::AnyBuffer> cost) {
+  PointShape s1, s2;
+  if (auto err = CheckPair(kCostOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
+  if (auto err = CheckMatch(kCostOp, match, s1, s2); err.failure()) return err;
+  const int64_t nb = s1.b, n = s1.n, m = s2.n;
+  if (cost->element_type() != ffi::F32 || cost->element_count() != nb)
+    return InvalidArgument(kCostOp, "cost must be float32 [...]");
+  const Soa a(xyz1.typed_data<float>(), nb * n), b(xyz2.typed_data<float>(), nb * m);
+  const float* mt = match.typed_data<float>();
+  std::vector<float> columns(nb * n);
+  const int64_t blocks = NumBlocks(n);
+  RunParallel(pool, nb * blocks, [&](int64_t item) {
+    const int64_t i = item / blocks, k0 = (item % blocks) * kBlock, cnt = std::min(kBlock, n - k0);
+    const int64_t o1 = i * n + k0, o2 = i * m;
+    CostColumns(&a.x[o1], &a.y[o1], &a.z[o1], cnt, &b.x[o2], &b.y[o2], &b.z[o2], m, mt + i * m * n + k0, n,
+                &columns[o1], nullptr);
+  });
+  float* out = cost->typed_data<float>();
+  for (int64_t i = 0; i < nb; ++i) {
+    float total = 0.0f;
+    for (int64_t k = 0; k < n; ++k) total += columns[i * n + k];
+    out[i] = total;
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MatchCostGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2,
+                             ffi::AnyBuffer match, ffi::Result<ffi::AnyBuffer> grad1,
+                             ffi::Result<ffi::AnyBuffer> grad2) {
+  PointShape s1, s2;
+  if (auto err = CheckPair(kCostGradOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
+  if (auto err = CheckMatch(kCostGradOp, match, s1, s2); err.failure()) return err;
+  const int64_t nb = s1.b, n = s1.n, m = s2.n;
+  if (grad1->element_type() != ffi::F32 || grad1->element_count() != nb * n * 3 ||
+      grad2->element_type() != ffi::F32 || grad2->element_count() != nb * m * 3)
+    return InvalidArgument(kCostGradOp, "grad1/grad2 must be float32 [..., n, 3] / [..., m, 3]");
+  const Soa a(xyz1.typed_data<float>(), nb * n), b(xyz2.typed_data<float>(), nb * m);
+  const float* mt = match.typed_data<float>();
+  float* g1 = grad1->typed_data<float>();
+  float* g2 = grad2->typed_data<float>();
+  // One flat work list: the column blocks (grad1) of every item, then the row blocks (grad2).
+  const int64_t blocks_l = NumBlocks(n), blocks_r = NumBlocks(m);
+  RunParallel(pool, nb * (blocks_l + blocks_r), [&](int64_t item) {
+    if (item < nb * blocks_l) {
+      const int64_t i = item / blocks_l, k0 = (item % blocks_l) * kBlock, cnt = std::min(kBlock, n - k0);
+      const int64_t o1 = i * n + k0, o2 = i * m;
+      CostColumns(&a.x[o1], &a.y[o1], &a.z[o1], cnt, &b.x[o2], &b.y[o2], &b.z[o2], m, mt + i * m * n + k0, n,
+                  nullptr, g1 + o1 * 3);
+    } else {
+      item -= nb * blocks_l;
+      const int64_t i = item / blocks_r, l0 = (item % blocks_r) * kBlock, cnt = std::min(kBlock, m - l0);
+      const int64_t o2 = i * m + l0, o1 = i * n;
+      GradRows(&b.x[o2], &b.y[o2], &b.z[o2], cnt, &a.x[o1], &a.y[o1], &a.z[o1], n, mt + i * m * n + l0 * n,
+               g2 + o2 * 3);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMatchCpu, ApproxMatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_OPS_REGISTER(kMatchOp, ApproxMatchCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MatchCostCpu, MatchCostImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_OPS_REGISTER(kCostOp, MatchCostCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MatchCostGradCpu, MatchCostGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_OPS_REGISTER(kCostGradOp, MatchCostGradCpu);
+
+}  // namespace xla_ops

@@ -1,0 +1,194 @@
+// three_nn, three_interpolate and its gradient on CPU (the original PointNet++ interpolation ops).
+//  * three_nn: the 3 nearest known points of every unknown point (squared distances, ascending, strict `<`
+//    so ties go to the lowest index); slots beyond m keep idx 0 and distance +inf.
+//  * three_interpolate: out[i] = sum_j weight[i, j] * features[idx[i, j]].
+//  * three_interpolate_grad: grad_features[p] = sum over (i, j) with idx[i, j] == p of weight[i, j] *
+//    grad_out[i], summed in ascending (i, j) order by one thread per (batch item, channel block), so the
+//    result does not depend on the thread count.
+// Indices outside [0, m) are rejected with INVALID_ARGUMENT before any work is done.
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+
+namespace xla_ops {
+namespace {
+
+constexpr const char* kNnOp = "xla_ops_three_nn";
+constexpr const char* kInterpOp = "xla_ops_three_interpolate";
+constexpr const char* kGradOp = "xla_ops_three_interpolate_grad";
+constexpr int64_t kChannelBlock = 16;
+
+ffi::Future Fail(ffi::Error error) {
+  ffi::Promise p;
+  ffi::Future f(p);
+  p.SetError(std::move(error));
+  return f;
+}
+
+ffi::Future ThreeNnImpl(ffi::ThreadPool pool, ffi::AnyBuffer unknown, ffi::AnyBuffer known,
+                        ffi::Result<ffi::AnyBuffer> dist, ffi::Result<ffi::AnyBuffer> idx) {
+  auto su = AsPointShape(unknown.dimensions(), "unknown");
+  if (su.has_error()) return Fail(su.error());
+  auto sk = AsPointShape(known.dimensions(), "known");
+  if (sk.has_error()) return Fail(sk.error());
+  if (unknown.element_type() != ffi::F32 || known.element_type() != ffi::F32)
+    return Fail(InvalidArgument(kNnOp, "unknown and known must be float32"));
+  if (su->c != 3 || sk->c != 3) return Fail(InvalidArgument(kNnOp, "unknown and known must have 3 channels"));
+  if (su->b != sk->b)
+    return Fail(InvalidArgument(kNnOp, "batch mismatch: unknown has " + std::to_string(su->b) +
+                                           ", known has " + std::to_string(sk->b)));
+  if (sk->n < 1) return Fail(InvalidArgument(kNnOp, "known needs at least one point"));
+  if (dist->element_count() != su->b * su->n * 3 || idx->element_count() != su->b * su->n * 3)
+    return Fail(InvalidArgument(kNnOp, "output sizes do not match [..., n, 3]"));
+  const int64_t n = su->n, m = sk->n;
+  const float* pu = unknown.typed_data<float>();
+  const float* pk = known.typed_data<float>();
+  float* pd = dist->typed_data<float>();
+  int32_t* pi = idx->typed_data<int32_t>();
+  return ParallelFor(pool, su->b * n, 64, [=](int64_t begin, int64_t end) {
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+    for (int64_t t = begin; t < end; ++t) {
+      const float* ref = pk + (t / n) * m * 3;
+      const float x = pu[3 * t], y = pu[3 * t + 1], z = pu[3 * t + 2];
+      float d0 = kInf, d1 = kInf, d2 = kInf;
+      int32_t i0 = 0, i1 = 0, i2 = 0;
+      for (int64_t j = 0; j < m; ++j) {
+        const float dx = ref[3 * j] - x, dy = ref[3 * j + 1] - y, dz = ref[3 * j + 2] - z;
+        const float d = dx * dx + dy * dy + dz * dz;
+        if (d < d2) {
+          const int32_t jj = static_cast<int32_t>(j);
+          if (d < d1) {
+            d2 = d1, i2 = i1;
+            if (d < d0) {
+              d1 = d0, i1 = i0, d0 = d, i0 = jj;
+            } else {
+              d1 = d, i1 = jj;
+            }
+          } else {
+            d2 = d, i2 = jj;
+          }
+        }
+      }
+      pd[3 * t] = d0, pd[3 * t + 1] = d1, pd[3 * t + 2] = d2;
+      pi[3 * t] = i0, pi[3 * t + 1] = i1, pi[3 * t + 2] = i2;
+    }
+  });
+}
+
+// Checks idx [B, n, 3] / weight [B, n, 3] and that every index is in [0, npoints).
+ffi::Error CheckIndexAndWeight(const char* op, ffi::AnyBuffer idx, ffi::AnyBuffer weight, int64_t batch,
+                               int64_t npoints, int64_t* n) {
+  const auto di = idx.dimensions(), dw = weight.dimensions();
+  if (idx.element_type() != ffi::S32 || di.size() < 2 || di[di.size() - 1] != 3)
+    return InvalidArgument(op, "idx must be int32 [..., n, 3]");
+  if (weight.element_type() != ffi::F32 || dw.size() != di.size() ||
+      !std::equal(di.begin(), di.end(), dw.begin()))
+    return InvalidArgument(op, "weight must be float32 with the shape of idx");
+  if (LeadingSize(di, 2) != batch) return InvalidArgument(op, "idx has a different batch size");
+  *n = di[di.size() - 2];
+  const int32_t* p = idx.typed_data<int32_t>();
+  for (int64_t i = 0, total = batch * *n * 3; i < total; ++i) {
+    if (p[i] < 0 || p[i] >= npoints)
+      return InvalidArgument(op, "idx value " + std::to_string(p[i]) + " at flat position " + std::to_string(i) +
+                                     " is outside [0, " + std::to_string(npoints) + ")");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Future ThreeInterpolateImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::AnyBuffer idx,
+                                 ffi::AnyBuffer weight, ffi::Result<ffi::AnyBuffer> out) {
+  auto sf = AsPointShape(features.dimensions(), "features");
+  if (sf.has_error()) return Fail(sf.error());
+  if (features.element_type() != ffi::F32) return Fail(InvalidArgument(kInterpOp, "features must be float32"));
+  int64_t n = 0;
+  if (auto err = CheckIndexAndWeight(kInterpOp, idx, weight, sf->b, sf->n, &n); err.failure()) return Fail(err);
+  const int64_t m = sf->n, c = sf->c;
+  if (out->element_type() != ffi::F32 || out->element_count() != sf->b * n * c)
+    return Fail(InvalidArgument(kInterpOp, "out must be float32 [..., n, C]"));
+  const float* pf = features.typed_data<float>();
+  const int32_t* pi = idx.typed_data<int32_t>();
+  const float* pw = weight.typed_data<float>();
+  float* po = out->typed_data<float>();
+  return ParallelFor(pool, sf->b * n, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* f = pf + (t / n) * m * c;
+      const float* f0 = f + pi[3 * t] * c;
+      const float* f1 = f + pi[3 * t + 1] * c;
+      const float* f2 = f + pi[3 * t + 2] * c;
+      const float w0 = pw[3 * t], w1 = pw[3 * t + 1], w2 = pw[3 * t + 2];
+      float* o = po + t * c;
+      for (int64_t ch = 0; ch < c; ++ch) o[ch] = w0 * f0[ch] + w1 * f1[ch] + w2 * f2[ch];
+    }
+  });
+}
+
+ffi::Future ThreeInterpolateGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_out, ffi::AnyBuffer idx,
+                                     ffi::AnyBuffer weight, ffi::Result<ffi::AnyBuffer> grad_features,
+                                     int32_t npoints) {
+  auto sg = AsPointShape(grad_out.dimensions(), "grad_out");
+  if (sg.has_error()) return Fail(sg.error());
+  if (grad_out.element_type() != ffi::F32) return Fail(InvalidArgument(kGradOp, "grad_out must be float32"));
+  if (npoints < 1) return Fail(InvalidArgument(kGradOp, "npoints must be >= 1"));
+  int64_t n = 0;
+  if (auto err = CheckIndexAndWeight(kGradOp, idx, weight, sg->b, npoints, &n); err.failure()) return Fail(err);
+  if (n != sg->n) return Fail(InvalidArgument(kGradOp, "grad_out and idx have different n"));
+  const int64_t c = sg->c, m = npoints;
+  if (grad_features->element_type() != ffi::F32 || grad_features->element_count() != sg->b * m * c)
+    return Fail(InvalidArgument(kGradOp, "grad_features must be float32 [..., npoints, C]"));
+  const float* pg = grad_out.typed_data<float>();
+  const int32_t* pi = idx.typed_data<int32_t>();
+  const float* pw = weight.typed_data<float>();
+  float* pf = grad_features->typed_data<float>();
+  // Work items: (batch item, block of kChannelBlock channels); each scatters all n points in order.
+  const int64_t cblocks = (c + kChannelBlock - 1) / kChannelBlock;
+  return ParallelFor(pool, sg->b * cblocks, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / cblocks, c0 = (t % cblocks) * kChannelBlock, c1 = std::min(c, c0 + kChannelBlock);
+      float* gf = pf + b * m * c;
+      for (int64_t p = 0; p < m; ++p)
+        for (int64_t ch = c0; ch < c1; ++ch) gf[p * c + ch] = 0.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* g = pg + (b * n + i) * c;
+        for (int j = 0; j < 3; ++j) {
+          const int64_t q = (b * n + i) * 3 + j;
+          float* dst = gf + pi[q] * c;
+          const float w = pw[q];
+          for (int64_t ch = c0; ch < c1; ++ch) dst[ch] += w * g[ch];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ThreeNnCpu, ThreeNnImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_OPS_REGISTER(kNnOp, ThreeNnCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ThreeInterpolateCpu, ThreeInterpolateImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_OPS_REGISTER(kInterpOp, ThreeInterpolateCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ThreeInterpolateGradCpu, ThreeInterpolateGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("npoints"));
+XLA_OPS_REGISTER(kGradOp, ThreeInterpolateGradCpu);
+
+}  // namespace xla_ops
