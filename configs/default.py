@@ -1,0 +1,44 @@
+"""Shared defaults of every training config (paper settings, spec §4 and §10); stage configs override them.
+
+Not a launch config by itself: use configs/sparse.py, dense.py, finetune.py, quickstart.py or psgn.py.
+"""
+import ml_collections
+
+from dpcr_jax.data import default_data_config
+from dpcr_jax.models import default_loss_config, default_model_config
+
+# Training steps per epoch of the paper's runs: sum over the 13 categories of floor(12 * models / batch) with
+# the R2N2 train lists (../shared/data/shapenet-splits/train_models.json); the original drops each category's
+# remainder batch.
+PAPER_STEPS_PER_EPOCH = {32: 13127, 12: 35022, 10: 42021}
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+  """Paper settings common to the three stages; ``stage`` in {'sparse', 'dense', 'finetune'}."""
+  config = ml_collections.ConfigDict()
+  config.stage = stage
+  config.model = default_model_config()
+  config.loss = default_loss_config()
+  config.data = default_data_config()  # set data.root (AttentionDPCR HDF5 folder, or a synthetic root)
+  config.shuffle = True  # the original never shuffles (quirk §9.3)
+  config.eval_split = "test"
+
+  config.learning_rate = 3e-5  # Adam, constant (§4)
+  config.batch_size = 32
+  config.eval_batch_size = 32
+  config.num_train_steps = 20 * PAPER_STEPS_PER_EPOCH[32]
+
+  config.log_every = 100  # the original logs every 100 iterations
+  config.eval_every = 5000
+  config.eval_batches = 50  # batches of the eval split per periodic evaluation (-1: all)
+  config.checkpoint_every = 2000
+  config.keep_checkpoints = 3
+  config.seed = 0
+
+  # Finetune only: stage checkpoints (a run's workdir or its checkpoints/ folder) to start from.
+  config.init = ml_collections.ConfigDict({"sparse_checkpoint": "", "dense_checkpoint": ""})
+  # Multi-host: jax.distributed.initialize(**these) when enabled (docs/training.md). On TPU pods and SLURM
+  # the three values can stay unset (auto-detected).
+  config.distributed = ml_collections.ConfigDict({
+      "enabled": False, "coordinator_address": "", "num_processes": -1, "process_id": -1})
+  return config

@@ -1,0 +1,33 @@
+r"""Trains one stage: a thin launcher over dpcr_jax.train.train_and_evaluate.
+
+  python -m experiments.train --config configs/sparse.py --workdir runs/sparse \
+      --config.data.root=/path/to/attdpcr --config.batch_size=8
+
+Rerunning with the same --workdir resumes from its newest checkpoint. See docs/training.md.
+"""
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from dpcr_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, curves).")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent XLA compilation cache folder ('' = off).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CACHE.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+  logging.info("Config:\n%s", _CONFIG.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
