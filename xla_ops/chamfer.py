@@ -5,8 +5,15 @@ index of) its nearest point in ``b``, and the same from ``b`` to ``a``; ties go 
 custom call returns only the indices' winners; the distances are recomputed in jnp from a gather, so their
 gradient (to both inputs) is exactly the original ``NnDistanceGrad`` and no ``N x M`` matrix is ever built.
 
-NaN/Inf: a NaN coordinate never wins a comparison, so a query whose every candidate distance is NaN gets
-index 0 and the distance recomputed from that pair (NaN); rows not touching NaN are unaffected.
+The CPU handler is exact (same float32 distances and tie rule as brute force): brute force for small
+clouds, otherwise a k-d tree per point set and batch item with branch-and-bound queries, O((N + M) log)
+per example on typical clouds and O(B * (N + M)) memory.
+
+NaN/Inf (impl="ffi"): a NaN distance never wins a comparison and each search starts from (+inf, index 0),
+so a query with no finite candidate distance (a NaN/Inf coordinate in the query, or in every point of the
+other set) gets index 0, and its distance, recomputed from that pair, is NaN or Inf. Points with a NaN/Inf
+coordinate never win for other queries; rows not touching them are unaffected. impl="jnp" uses
+``jnp.argmin``, which instead returns the first NaN distance's index.
 """
 from __future__ import annotations
 
@@ -40,14 +47,14 @@ def _nearest_jnp(x, y, chunk: int = 1024):
   pad = (-n) % chunk if n > chunk else 0
   size = min(chunk, n)
   xp = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
-  blocks = jnp.moveaxis(xp.reshape(x.shape[:-2] + (-1, size, x.shape[-1])), -3, 0)
+  blocks = jnp.moveaxis(xp.reshape(x.shape[:-2] + ((n + pad) // size, size, x.shape[-1])), -3, 0)
 
   def one(block):  # [..., size, C] -> [..., size]
     d = jnp.sum((block[..., :, None, :] - y[..., None, :, :]) ** 2, axis=-1)
     return jnp.argmin(d, axis=-1).astype(jnp.int32)
 
   idx = jax.lax.map(one, blocks)
-  return jnp.moveaxis(idx, 0, -2).reshape(x.shape[:-2] + (-1,))[..., :n]
+  return jnp.moveaxis(idx, 0, -2).reshape(x.shape[:-2] + (n + pad,))[..., :n]
 
 
 def nn_distance(a: jax.Array, b: jax.Array, *, impl: str = "ffi"):
