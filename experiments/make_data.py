@@ -21,13 +21,14 @@ def main(argv=None):
   p.add_argument("--workers", type=int, default=1, help="processes")
   p.add_argument("--categories", nargs="*", default=None, help="names or synsets (default: all 13)")
   p.add_argument("--r2n2_views", type=int, default=24, help="R2N2-style views per model (0: skip that layout)")
+  p.add_argument("--pix3d_images", type=int, default=0, help="photos in an optional mini Pix3D (0: none)")
   p.add_argument("--sampling", choices=["deterministic", "iid"], default="deterministic")
   p.add_argument("--renderer", choices=["auto", "moderngl", "numpy"], default="auto")
   args = p.parse_args(argv)
   summary = synthetic.generate_synthetic(
       args.root, args.models_per_category, seed=args.seed, image_size=args.image_size, n_dense=args.n_dense,
       n_mid=args.n_mid, n_sparse=args.n_sparse, workers=args.workers, categories=args.categories,
-      r2n2_views=args.r2n2_views, sampling=args.sampling, renderer=args.renderer)
+      r2n2_views=args.r2n2_views, pix3d_images=args.pix3d_images, sampling=args.sampling, renderer=args.renderer)
   print(json.dumps({k: v for k, v in summary.items() if k != "categories"}, indent=1))
 
 

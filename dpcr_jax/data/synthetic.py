@@ -9,6 +9,7 @@ Layout under `root` (sizes in folder names follow the options):
   attdpcr/{train,test}/image_<H>_<W>_12/<syn>.h5                'image' uint8 [N*12,H,W,3], black background
   attdpcr/{train,test}/point_<P>_12/<syn>.h5                    'point' float32 [N*12,P,3], camera frame
   attdpcr/rendering_metadata.txt                                the 12 fixed views
+  pix3d/pix3d.json, img/, mask/, model/                         optional mini Pix3D (pix3d_images > 0)
 Row i of the AttentionDPCR files is model i // 12 (sorted ids of the split), view i % 12.
 """
 import dataclasses
@@ -38,6 +39,7 @@ class GeneratorOptions:
   n_sparse: int = 1024
   n_views: int = 12
   r2n2_views: int = 24  # 0 = do not write the R2N2 folders
+  pix3d_images: int = 0  # > 0: also write a mini Pix3D (pix3d/) with this many photos
   r2n2_image_size: int = camera.R2N2_IMAGE_SIZE
   sampling: str = "deterministic"  # or 'iid'
   renderer: str = "auto"  # 'auto' | 'moderngl' | 'numpy'
@@ -143,6 +145,57 @@ def _write_r2n2_views(folder, vertices, faces, rng, opts, rend) -> None:
     f.write("\n".join(names) + "\n")
 
 
+def write_mini_pix3d(folder: str, n_images: int, seed: int, renderer: str = "auto", models_per_category: int = 3,
+                     occluded_fraction: float = 0.15) -> int:
+  """A Pix3D-format mini set: procedural chairs/sofas/tables photographed over noise backgrounds.
+
+  Writes pix3d.json (the real fields: img, mask, category, img_size, bbox, model, rot_mat, trans_mat,
+  focal_length (mm, 32 mm sensor), cam_position, inplane_rotation, truncated, occluded, slightly_occluded),
+  img/<cat>/NNNN.png, mask/<cat>/NNNN.png and model/<cat>/<name>/model.obj. Approximations: the models stay in
+  our frame (+Y up, front +X), not Pix3D's, and rot_mat/trans_mat are our look-at camera (world -> camera,
+  looking down -Z), not Pix3D's convention. A fraction of the entries is flagged occluded/truncated so that
+  the loader's selection is exercised. Returns the number of entries written.
+  """
+  rng = np.random.default_rng([seed, 3])
+  rend = _renderer(renderer)
+  models = []
+  for cat in ("chair", "sofa", "table"):
+    for k in range(models_per_category):
+      rel = f"model/{cat}/{cat}_{k:02d}/model.obj"
+      os.makedirs(os.path.join(folder, os.path.dirname(rel)), exist_ok=True)
+      vertices, faces = shapes.make_shape(cat, rng)
+      shapes.write_obj(os.path.join(folder, rel), vertices, faces)
+      models.append((cat, rel, vertices, faces))
+  entries = []
+  for i in range(n_images):
+    cat, rel, vertices, faces = models[int(rng.integers(len(models)))]
+    width, height = int(rng.integers(160, 321)), int(rng.integers(160, 321))
+    focal_mm = rng.uniform(30, 60)
+    rot, cam_pos = camera.camera_info(rng.uniform(0, 360), rng.uniform(0, 35), rng.uniform(1.6, 2.6))
+    rgba = rend.render(vertices, faces, rot, cam_pos, focal_mm / 32 * width, height, width)
+    mask = rgba[..., 3] > 127
+    if not mask.any():
+      continue
+    photo = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
+    alpha = rgba[..., 3:4].astype(np.float32) / 255
+    photo = np.round(rgba[..., :3] * alpha + photo * (1 - alpha)).astype(np.uint8)
+    ys, xs = np.nonzero(mask)
+    img, msk = f"img/{cat}/{i:04d}.png", f"mask/{cat}/{i:04d}.png"
+    for path, arr in ((img, photo), (msk, mask.astype(np.uint8) * 255)):
+      os.makedirs(os.path.join(folder, os.path.dirname(path)), exist_ok=True)
+      Image.fromarray(arr).save(os.path.join(folder, path), compress_level=1)
+    occluded = bool(rng.random() < occluded_fraction)
+    entries.append({
+        "img": img, "mask": msk, "category": cat, "img_size": [width, height], "img_source": "synthetic",
+        "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1], "model": rel,
+        "rot_mat": rot.tolist(), "trans_mat": (-rot @ cam_pos).tolist(), "focal_length": float(focal_mm),
+        "cam_position": cam_pos.tolist(), "inplane_rotation": 0.0, "truncated": False,
+        "occluded": occluded, "slightly_occluded": False})
+  with open(os.path.join(folder, "pix3d.json"), "w") as f:
+    json.dump(entries, f)
+  return len(entries)
+
+
 def _worker(task):
   root, synset, index, seed, opts = task
   return generate_model(root, synset, index, seed, opts)
@@ -162,7 +215,8 @@ def generate_synthetic(root: str, models_per_category: int, seed: int = 0, image
     workers: processes (1 = in this process).
     categories: names or synsets (None = all 13).
     progress: show a tqdm bar.
-    **options: further GeneratorOptions fields (n_views, r2n2_views, sampling, renderer, compression, fps).
+    **options: further GeneratorOptions fields (n_views, r2n2_views, pix3d_images, sampling, renderer,
+      compression, fps).
   Returns:
     Summary dict (counts, seconds, models_per_s, images_per_s, renderer, paths).
   """
@@ -214,6 +268,8 @@ def generate_synthetic(root: str, models_per_category: int, seed: int = 0, image
   finally:
     for ds in files.values():
       ds.file.close()
+  n_pix3d = write_mini_pix3d(os.path.join(root, "pix3d"), opts.pix3d_images, seed, opts.renderer) \
+      if opts.pix3d_images else 0
   seconds = time.time() - start
   n_models = len(tasks)
   n_images = n_models * (opts.n_views + opts.r2n2_views)
@@ -223,7 +279,7 @@ def generate_synthetic(root: str, models_per_category: int, seed: int = 0, image
       "test_models": sum(len(x) for x in splits["test"].values()),
       "images": n_images, "seconds": seconds, "models_per_s": n_models / seconds,
       "images_per_s": n_images / seconds, "renderer": _renderer(opts.renderer).backend if workers <= 1 else "per worker",
-      "workers": workers, "options": dataclasses.asdict(opts),
+      "workers": workers, "pix3d_images": n_pix3d, "options": dataclasses.asdict(opts),
   }
 
 
