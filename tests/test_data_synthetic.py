@@ -223,3 +223,17 @@ def test_renderer_fallback_and_numpy_backend():
   assert (img[img[..., 3] == 0, :3] == 0).all()  # black background
   with pytest.raises(ValueError, match="backend"):
     render.Renderer("vulkan")
+
+
+def test_renderer_auto_falls_back_with_one_warning(monkeypatch, caplog):
+  def no_egl(**_):
+    raise RuntimeError("eglGetDisplay failed\nmore details")
+
+  monkeypatch.setattr(render, "ModernGLRenderer", no_egl)
+  with caplog.at_level("WARNING"):
+    r = render.Renderer("auto")
+  assert r.backend == "numpy"
+  warnings = [rec.getMessage() for rec in caplog.records]
+  assert len(warnings) == 1 and "numpy rasteriser" in warnings[0] and "\n" not in warnings[0]
+  with pytest.raises(RuntimeError, match="eglGetDisplay"):
+    render.Renderer("moderngl")
