@@ -69,7 +69,7 @@ class PointNet2Feature(nn.Module):
     for step, channels in enumerate(self.fp_channels, start=1):  # coarsest to finest
       fine_xyz, fine_features = xyz[-1 - step], features[-1 - step]
       dist, idx = xla_ops.three_nn(jax.lax.stop_gradient(fine_xyz), jax.lax.stop_gradient(xyz[-step]), impl=impl)
-      weight = xla_ops.inverse_distance_weights(dist, impl=impl)
+      weight = xla_ops.inverse_distance_weights(dist)
       interpolated = xla_ops.three_interpolate(coarse, idx, weight, impl=impl)  # [B, n_fine, C]
       if fine_features is not None:
         interpolated = jnp.concatenate([interpolated, fine_features], axis=-1)
