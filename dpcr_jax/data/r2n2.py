@@ -107,7 +107,8 @@ class R2N2Source:
       if not os.path.isfile(path):
         log.fail(item, f"missing point cloud {path}", FileNotFoundError)
         return None
-    n_meta = sum(1 for line in open(meta) if line.strip())
+    with open(meta) as f:
+      n_meta = sum(1 for line in f if line.strip())
     model_views = list(range(n_meta)) if views is None else list(views)
     if model_views and max(model_views) >= n_meta:
       log.fail(item, f"view {max(model_views)} requested but {meta} lists {n_meta} views")
