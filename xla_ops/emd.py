@@ -15,9 +15,8 @@ count, but float32 rounding makes them differ from a float64 evaluation by ~1e-5
 Its gradient w.r.t. the points is the original ``MatchCostGrad`` (distances floored at 1e-10, so coincident
 points give 0); w.r.t. ``match`` it is the distance matrix (the original gave none).
 
-NaN: a NaN coordinate makes the exponentials of its pairs NaN, which spreads through the shared sums to the
-whole ``match`` of that example (NaN everywhere, no crash); ``match_cost`` and its gradient are NaN for
-such an example too. Other examples of the batch are unaffected.
+NaN/Inf: an example with any non-finite coordinate gets an all-NaN ``match`` (both impls; the sums would
+spread it anyway), so its ``earth_mover_distance`` and gradient are NaN; other examples are unaffected.
 """
 from __future__ import annotations
 
@@ -63,7 +62,9 @@ def _approx_match_jnp(xyz1, xyz2):
 
   init = (jnp.zeros(batch + (m, n), jnp.float32), jnp.full(batch + (n,), mass_l, jnp.float32),
           jnp.full(batch + (m,), mass_r, jnp.float32))
-  return jax.lax.fori_loop(0, NUM_ROUNDS, round_, init)[0]
+  match = jax.lax.fori_loop(0, NUM_ROUNDS, round_, init)[0]
+  finite = jnp.all(jnp.isfinite(xyz1), axis=(-2, -1)) & jnp.all(jnp.isfinite(xyz2), axis=(-2, -1))
+  return jnp.where(finite[..., None, None], match, jnp.nan)
 
 
 def _check_pair(xyz1, xyz2):
