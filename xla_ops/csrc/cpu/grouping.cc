@@ -1,0 +1,521 @@
+// Neighbourhood ops on CPU: ball_query, group_points (+ its scatter-add gradient) and knn.
+//
+// * ball_query: every query scans xyz in index order and keeps the first nsample points with d^2 < r^2;
+//   unfilled slots repeat the first hit; an empty ball gives idx 0 and count 0.
+// * group_points: out[b, m, k, :] = points[b, idx[b, m, k], :]. Out-of-range indices -> INVALID_ARGUMENT.
+// * group_points_grad: grad_points[b, n, :] = sum over (m, k) with idx[b, m, k] == n of grad_out[b, m, k, :].
+//   Deterministic: a task owns a (batch, channel block) slice of the output and adds into it in ascending
+//   (m, k) order, so results do not depend on the thread count (no atomics).
+// * knn: the k nearest ref points of every query, ascending (squared distance, index): ties go to the lowest
+//   index, NaN distances count as +inf. Exact brute force with SIMD distance tiles and a sorted top-k
+//   buffer per query (details in the knn section below).
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+// 256-bit GCC vector types are passed between inline helpers only; silence the ABI note about them.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace xla_ops {
+namespace {
+
+ffi::Future Fail(ffi::Error e) {
+  ffi::Promise p;
+  ffi::Future f(p);
+  p.SetError(std::move(e));
+  return f;
+}
+
+// ---- ball_query ---------------------------------------------------------------------------------
+
+constexpr const char* kBallQuery = "xla_ops_ball_query";
+
+ffi::Future BallQueryImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, ffi::AnyBuffer new_xyz, float radius,
+                          int32_t nsample, ffi::Result<ffi::AnyBuffer> idx, ffi::Result<ffi::AnyBuffer> count) {
+  auto sx = AsPointShape(xyz.dimensions(), "xyz");
+  if (sx.has_error()) return Fail(sx.error());
+  auto sq = AsPointShape(new_xyz.dimensions(), "new_xyz");
+  if (sq.has_error()) return Fail(sq.error());
+  if (xyz.element_type() != ffi::F32 || new_xyz.element_type() != ffi::F32)
+    return Fail(InvalidArgument(kBallQuery, "xyz and new_xyz must be float32"));
+  if (sx->c != 3 || sq->c != 3) return Fail(InvalidArgument(kBallQuery, "xyz and new_xyz must have 3 channels"));
+  if (sx->b != sq->b)
+    return Fail(InvalidArgument(kBallQuery, "batch mismatch: xyz has " + std::to_string(sx->b) +
+                                                ", new_xyz has " + std::to_string(sq->b)));
+  if (!(radius > 0.0f)) return Fail(InvalidArgument(kBallQuery, "radius must be > 0"));
+  if (nsample < 1) return Fail(InvalidArgument(kBallQuery, "nsample must be >= 1"));
+  const int64_t nb = sx->b, n = sx->n, m = sq->n, ns = nsample;
+  if (idx->element_type() != ffi::S32 || idx->element_count() != static_cast<size_t>(nb * m * ns) ||
+      count->element_type() != ffi::S32 || count->element_count() != static_cast<size_t>(nb * m))
+    return Fail(InvalidArgument(kBallQuery, "outputs must be int32 [..., M, nsample] and [..., M]"));
+
+  const float r2 = radius * radius;
+  const float* px = xyz.typed_data<float>();
+  const float* pq = new_xyz.typed_data<float>();
+  int32_t* out_idx = idx->typed_data<int32_t>();
+  int32_t* out_cnt = count->typed_data<int32_t>();
+  return ParallelFor(pool, nb * m, 64, [=](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* p = px + (row / m) * n * 3;
+      const float qx = pq[3 * row], qy = pq[3 * row + 1], qz = pq[3 * row + 2];
+      int32_t* o = out_idx + row * ns;
+      int64_t hits = 0;
+      for (int64_t j = 0; j < n && hits < ns; ++j) {
+        const float dx = p[3 * j] - qx, dy = p[3 * j + 1] - qy, dz = p[3 * j + 2] - qz;
+        if (dx * dx + dy * dy + dz * dz < r2) o[hits++] = static_cast<int32_t>(j);
+      }
+      const int32_t fill = hits > 0 ? o[0] : 0;
+      for (int64_t s = hits; s < ns; ++s) o[s] = fill;
+      out_cnt[row] = static_cast<int32_t>(hits);
+    }
+  });
+}
+
+// ---- group_points and its gradient ----------------------------------------------------------------
+
+constexpr const char* kGroup = "xla_ops_group_points";
+constexpr const char* kGroupGrad = "xla_ops_group_points_grad";
+
+// Checks that idx (b * rows entries) lies in [0, n).
+ffi::Error CheckIndexRange(const char* op, const int32_t* idx, int64_t count, int64_t n) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (idx[i] < 0 || idx[i] >= n)
+      return InvalidArgument(op, "idx[" + std::to_string(i) + "] = " + std::to_string(idx[i]) +
+                                     " is outside [0, " + std::to_string(n) + ")");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Future GroupPointsImpl(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer idx,
+                            ffi::Result<ffi::AnyBuffer> out) {
+  auto sp = AsPointShape(points.dimensions(), "points");
+  if (sp.has_error()) return Fail(sp.error());
+  auto si = AsPointShape(idx.dimensions(), "idx");  // [..., M, K]
+  if (si.has_error()) return Fail(si.error());
+  if (points.element_type() != ffi::F32) return Fail(InvalidArgument(kGroup, "points must be float32"));
+  if (idx.element_type() != ffi::S32) return Fail(InvalidArgument(kGroup, "idx must be int32"));
+  if (sp->b != si->b)
+    return Fail(InvalidArgument(kGroup, "batch mismatch: points has " + std::to_string(sp->b) + ", idx has " +
+                                            std::to_string(si->b)));
+  const int64_t nb = sp->b, n = sp->n, c = sp->c, rows = si->n * si->c;  // rows = M * K per example
+  if (out->element_type() != ffi::F32 || out->element_count() != static_cast<size_t>(nb * rows * c))
+    return Fail(InvalidArgument(kGroup, "out must be float32 [..., M, K, C]"));
+  const int32_t* pi = idx.typed_data<int32_t>();
+  if (ffi::Error e = CheckIndexRange(kGroup, pi, nb * rows, n); e.failure()) return Fail(std::move(e));
+
+  const float* pp = points.typed_data<float>();
+  float* po = out->typed_data<float>();
+  return ParallelFor(pool, nb * rows, 256, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      std::memcpy(po + r * c, pp + ((r / rows) * n + pi[r]) * c, c * sizeof(float));
+    }
+  });
+}
+
+ffi::Future GroupPointsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_out, ffi::AnyBuffer idx,
+                                int32_t npoints, ffi::Result<ffi::AnyBuffer> grad_points) {
+  auto si = AsPointShape(idx.dimensions(), "idx");  // [..., M, K]
+  if (si.has_error()) return Fail(si.error());
+  if (grad_out.element_type() != ffi::F32) return Fail(InvalidArgument(kGroupGrad, "grad_out must be float32"));
+  if (idx.element_type() != ffi::S32) return Fail(InvalidArgument(kGroupGrad, "idx must be int32"));
+  const auto gd = grad_out.dimensions();
+  if (gd.size() != idx.dimensions().size() + 1)
+    return Fail(InvalidArgument(kGroupGrad, "grad_out must be [..., M, K, C] for idx [..., M, K]"));
+  for (size_t i = 0; i < idx.dimensions().size(); ++i) {
+    if (gd[i] != idx.dimensions()[i])
+      return Fail(InvalidArgument(kGroupGrad, "grad_out and idx disagree in dim " + std::to_string(i)));
+  }
+  if (npoints < 1) return Fail(InvalidArgument(kGroupGrad, "npoints must be >= 1"));
+  const int64_t nb = si->b, rows = si->n * si->c, c = gd[gd.size() - 1], n = npoints;
+  if (grad_points->element_type() != ffi::F32 || grad_points->element_count() != static_cast<size_t>(nb * n * c))
+    return Fail(InvalidArgument(kGroupGrad, "grad_points must be float32 [..., npoints, C]"));
+  const int32_t* pi = idx.typed_data<int32_t>();
+  if (ffi::Error e = CheckIndexRange(kGroupGrad, pi, nb * rows, n); e.failure()) return Fail(std::move(e));
+
+  const float* pg = grad_out.typed_data<float>();
+  float* pout = grad_points->typed_data<float>();
+  constexpr int64_t kBlock = 16;  // channels per task slice
+  const int64_t blocks = (c + kBlock - 1) / kBlock;
+  return ParallelFor(pool, nb * blocks, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks, c0 = (item % blocks) * kBlock, c1 = std::min(c, c0 + kBlock);
+      float* dst = pout + b * n * c;
+      for (int64_t i = 0; i < n; ++i) std::fill(dst + i * c + c0, dst + i * c + c1, 0.0f);
+      const float* src = pg + b * rows * c;
+      const int32_t* ib = pi + b * rows;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* d = dst + ib[r] * c;
+        const float* g = src + r * c;
+        for (int64_t ch = c0; ch < c1; ++ch) d[ch] += g[ch];
+      }
+    }
+  });
+}
+
+// ---- knn ----------------------------------------------------------------------------------------
+//
+// Result definition: the k smallest (distance, index) pairs (NaN distance = +inf), where distance is
+// ExactSqDist: (q_c - r_c)^2 summed in float32 into 8 partial sums (channel c into sum c % 8, in channel
+// order) and then pairwise, no FMA; for C <= 3 this is the plain in-order sum.
+// Refs are transposed into blocks of 8 ([block][channel][lane]) and processed in chunks of kRefChunk refs
+// (hot in cache while every query of the task visits them, 4 queries at a time):
+//  * C < kExpansionMinChannels: exact distances of the whole chunk (DirectTile: 4 queries x 8 refs per
+//    SIMD step) are scanned against each query's current k-th distance.
+//  * otherwise filter-and-refine: approximate distances |q|^2 + |r|^2 - 2 q.r (ExpansionTile: one
+//    multiply-add per channel, 4 queries x 16 refs per step) have a float32 error below
+//    eps = (4C + 16) * 2^-24 * (|q|^2 + max |r|^2) (dot product and norms: gamma_C each, exact sum:
+//    gamma_{C+3}, with slack). A candidate whose approximate distance exceeds (current k-th exact distance)
+//    + eps cannot enter the top k; the others get their exact distance and are pushed. The result is
+//    exact; the filter only decides how many candidates are refined (all of them when the norms are huge
+//    or not finite).
+// The scan compares 8 candidates at a time, so the common case (none can enter) costs one vector compare;
+// each query keeps a sorted top-k buffer (its output row) updated by insertion.
+
+constexpr const char* kKnn = "xla_ops_knn";
+constexpr int kLanes = 8;       // refs per SIMD vector
+constexpr int kQueryTile = 4;   // queries sharing one pass over the refs
+constexpr int64_t kExpansionMinChannels = 4;  // below: DirectTile (its in-order sum == ExactSqDist)
+constexpr int64_t kRefChunk = 256;  // refs per chunk (a multiple of 2 * kLanes)
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+inline f32x8 LoadF8(const float* p) {
+  f32x8 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Exact squared distances of kQueryTile queries (q: [kQueryTile, c]) to every ref of the transposed ref
+// array rt ([block][channel][lane], nblk blocks); out: [kQueryTile, out_stride].
+__attribute__((always_inline)) inline void DirectTileImpl(const float* q, const float* rt, int64_t c,
+                                                          int64_t nblk, float* out, int64_t out_stride) {
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const float* r = rt + blk * c * kLanes;
+    f32x8 acc0{}, acc1{}, acc2{}, acc3{};
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const f32x8 rv = LoadF8(r + ch * kLanes);
+      const f32x8 d0 = rv - q[ch], d1 = rv - q[c + ch], d2 = rv - q[2 * c + ch], d3 = rv - q[3 * c + ch];
+      acc0 += d0 * d0;
+      acc1 += d1 * d1;
+      acc2 += d2 * d2;
+      acc3 += d3 * d3;
+    }
+    float* o = out + blk * kLanes;
+    __builtin_memcpy(o, &acc0, sizeof(acc0));
+    __builtin_memcpy(o + out_stride, &acc1, sizeof(acc1));
+    __builtin_memcpy(o + 2 * out_stride, &acc2, sizeof(acc2));
+    __builtin_memcpy(o + 3 * out_stride, &acc3, sizeof(acc3));
+  }
+}
+
+// Approximate squared distances |q|^2 + |r|^2 - 2 q.r (qn, rn: the squared norms) for the same layout.
+__attribute__((always_inline)) inline void ExpansionTileImpl(const float* q, const float* qn, const float* rt,
+                                                             const float* rn, int64_t c, int64_t nblk, float* out,
+                                                             int64_t out_stride) {
+  const int64_t stride = c * kLanes;
+  for (int64_t blk = 0; blk < nblk; blk += 2) {
+    // Two ref blocks per step (the second one repeats the first for an odd last block).
+    const int64_t blk2 = std::min(blk + 1, nblk - 1);
+    const float* ra = rt + blk * stride;
+    const float* rb = rt + blk2 * stride;
+    f32x8 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const f32x8 va = LoadF8(ra + ch * kLanes), vb = LoadF8(rb + ch * kLanes);
+      const float q0 = q[ch], q1 = q[c + ch], q2 = q[2 * c + ch], q3 = q[3 * c + ch];
+      a0 += va * q0;
+      b0 += vb * q0;
+      a1 += va * q1;
+      b1 += vb * q1;
+      a2 += va * q2;
+      b2 += vb * q2;
+      a3 += va * q3;
+      b3 += vb * q3;
+    }
+    const f32x8 na = LoadF8(rn + blk * kLanes), nb = LoadF8(rn + blk2 * kLanes);
+    const f32x8 dots_a[kQueryTile] = {a0, a1, a2, a3}, dots_b[kQueryTile] = {b0, b1, b2, b3};
+    for (int t = 0; t < kQueryTile; ++t) {
+      const f32x8 da = (na + qn[t]) - 2.0f * dots_a[t], db = (nb + qn[t]) - 2.0f * dots_b[t];
+      __builtin_memcpy(out + t * out_stride + blk * kLanes, &da, sizeof(da));
+      if (blk2 != blk) __builtin_memcpy(out + t * out_stride + blk2 * kLanes, &db, sizeof(db));
+    }
+  }
+}
+
+void DirectTileDefault(const float* q, const float* rt, int64_t c, int64_t nblk, float* out, int64_t stride) {
+  DirectTileImpl(q, rt, c, nblk, out, stride);
+}
+void ExpansionTileDefault(const float* q, const float* qn, const float* rt, const float* rn, int64_t c,
+                          int64_t nblk, float* out, int64_t stride) {
+  ExpansionTileImpl(q, qn, rt, rn, c, nblk, out, stride);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// No FMA for the exact distances (same result as the default version); FMA for the approximate ones (it
+// can only change how many candidates are refined).
+__attribute__((target("avx2"))) void DirectTileAvx2(const float* q, const float* rt, int64_t c, int64_t nblk,
+                                                    float* out, int64_t stride) {
+  DirectTileImpl(q, rt, c, nblk, out, stride);
+}
+__attribute__((target("avx2,fma"))) void ExpansionTileAvx2(const float* q, const float* qn, const float* rt,
+                                                           const float* rn, int64_t c, int64_t nblk, float* out,
+                                                           int64_t stride) {
+  ExpansionTileImpl(q, qn, rt, rn, c, nblk, out, stride);
+}
+#endif
+
+struct Kernels {
+  void (*direct)(const float*, const float*, int64_t, int64_t, float*, int64_t) = DirectTileDefault;
+  void (*expansion)(const float*, const float*, const float*, const float*, int64_t, int64_t, float*,
+                    int64_t) = ExpansionTileDefault;
+};
+
+Kernels SelectKernels() {
+  Kernels k;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx2")) k.direct = DirectTileAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) k.expansion = ExpansionTileAvx2;
+#endif
+  return k;
+}
+
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+
+// The exact squared distance (see the section comment); 128-bit vectors, native on every SIMD target.
+float ExactSqDist(const float* a, const float* b, int64_t c) {
+  f32x4 lo{}, hi{};
+  int64_t ch = 0;
+  for (; ch + 8 <= c; ch += 8) {
+    f32x4 a0, a1, b0, b1;
+    __builtin_memcpy(&a0, a + ch, sizeof(a0));
+    __builtin_memcpy(&a1, a + ch + 4, sizeof(a1));
+    __builtin_memcpy(&b0, b + ch, sizeof(b0));
+    __builtin_memcpy(&b1, b + ch + 4, sizeof(b1));
+    const f32x4 d0 = a0 - b0, d1 = a1 - b1;
+    lo += d0 * d0;
+    hi += d1 * d1;
+  }
+  float s[8];
+  __builtin_memcpy(s, &lo, sizeof(lo));
+  __builtin_memcpy(s + 4, &hi, sizeof(hi));
+  for (int l = 0; ch < c; ++ch, ++l) {
+    const float d = a[ch] - b[ch];
+    s[l] += d * d;
+  }
+  const float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  return std::isnan(sum) ? std::numeric_limits<float>::infinity() : sum;
+}
+
+float SqNorm(const float* a, int64_t c) {
+  float s = 0.0f;
+  for (int64_t ch = 0; ch < c; ++ch) s += a[ch] * a[ch];
+  return s;
+}
+
+// Sorted (distance, index) buffer of the k best candidates so far. Candidates arrive in increasing index
+// order, so a candidate enters iff (d, j) < (worst_d, worst_j) lexicographically, and ties keep the earlier
+// index. Empty slots are (+inf, INT32_MAX). Distances must not be NaN.
+struct TopK {
+  float* d;
+  int32_t* i;
+  int64_t k;
+
+  void Reset() {
+    std::fill(d, d + k, std::numeric_limits<float>::infinity());
+    std::fill(i, i + k, std::numeric_limits<int32_t>::max());
+  }
+  float Worst() const { return d[k - 1]; }
+  void Push(float x, int32_t j) {
+    if (x > d[k - 1] || (x == d[k - 1] && j > i[k - 1])) return;
+    int64_t pos = k - 1;
+    while (pos > 0 && (d[pos - 1] > x || (d[pos - 1] == x && i[pos - 1] > j))) {
+      d[pos] = d[pos - 1];
+      i[pos] = i[pos - 1];
+      --pos;
+    }
+    d[pos] = x;
+    i[pos] = j;
+  }
+};
+
+// Calls visit(j) for every j < n (in increasing order) whose key is not > threshold() (NaN keys are
+// visited too), where threshold() is re-read after every visit. keys has a multiple of 8 entries.
+template <typename Threshold, typename Visit>
+inline void ScanNotAbove(const float* keys, int64_t n, Threshold threshold, Visit visit) {
+  float thr = threshold();
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    f32x4 lo, hi;
+    __builtin_memcpy(&lo, keys + j0, sizeof(lo));
+    __builtin_memcpy(&hi, keys + j0 + 4, sizeof(hi));
+    const i32x4 above = (lo > thr) & (hi > thr);
+    if (above[0] & above[1] & above[2] & above[3]) continue;
+    const int64_t lanes = std::min<int64_t>(8, n - j0);
+    for (int64_t l = 0; l < lanes; ++l) {
+      if (!(keys[j0 + l] > thr)) {
+        visit(j0 + l);
+        thr = threshold();
+      }
+    }
+  }
+}
+
+// Per-task buffers of KnnQueries.
+struct KnnWorkspace {
+  std::vector<float> rt, rn, qpack, qn, keys;
+};
+
+// The k nearest refs of queries [q_begin, q_end) of one example. q: [M, c] (the example's queries),
+// r: [n, c]; out_d / out_i: [M, k].
+void KnnQueries(const Kernels& kernels, const float* q, const float* r, int64_t n, int64_t c, int64_t kk,
+                int64_t q_begin, int64_t q_end, KnnWorkspace& ws, float* out_d, int32_t* out_i) {
+  const bool expansion = c >= kExpansionMinChannels;
+  const int64_t nblk = (n + kLanes - 1) / kLanes;
+  // The refs: transposed blocks (padding refs j >= n are zeros, never reported) and squared norms.
+  ws.rt.assign(nblk * kLanes * c, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t ch = 0; ch < c; ++ch) ws.rt[((j / kLanes) * c + ch) * kLanes + j % kLanes] = r[j * c + ch];
+  }
+  ws.rn.assign(nblk * kLanes, 0.0f);
+  float max_rn = 0.0f;
+  if (expansion) {
+    for (int64_t j = 0; j < n; ++j) {
+      ws.rn[j] = SqNorm(r + j * c, c);
+      max_rn = std::isnan(ws.rn[j]) ? std::numeric_limits<float>::infinity() : std::max(max_rn, ws.rn[j]);
+    }
+  }
+  // The queries in groups of kQueryTile ([group][query][channel]; a short last group repeats its last
+  // query), their squared norms and error bounds; every output row starts empty.
+  const int64_t nq = q_end - q_begin, groups = (nq + kQueryTile - 1) / kQueryTile;
+  ws.qpack.resize(groups * kQueryTile * c);
+  ws.qn.resize(groups * kQueryTile);
+  for (int64_t t = 0; t < groups * kQueryTile; ++t) {
+    const float* src = q + (q_begin + std::min(t, nq - 1)) * c;
+    std::memcpy(ws.qpack.data() + t * c, src, c * sizeof(float));
+    ws.qn[t] = expansion ? SqNorm(src, c) : 0.0f;
+  }
+  std::vector<TopK> top(nq);
+  std::vector<double> eps(nq);
+  const double eps_scale = (4.0 * c + 16.0) * std::ldexp(1.0, -24) * 1.05;
+  for (int64_t t = 0; t < nq; ++t) {
+    top[t] = TopK{out_d + (q_begin + t) * kk, out_i + (q_begin + t) * kk, kk};
+    top[t].Reset();
+    eps[t] = eps_scale * (static_cast<double>(ws.qn[t]) + max_rn);
+  }
+  ws.keys.resize(kQueryTile * kRefChunk);
+
+  for (int64_t blk0 = 0; blk0 < nblk; blk0 += kRefChunk / kLanes) {
+    const int64_t blk1 = std::min(nblk, blk0 + kRefChunk / kLanes);
+    const int64_t j0 = blk0 * kLanes, count = std::min(n, blk1 * kLanes) - j0;
+    const float* rt = ws.rt.data() + blk0 * c * kLanes;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* qg = ws.qpack.data() + g * kQueryTile * c;
+      if (expansion) {
+        kernels.expansion(qg, ws.qn.data() + g * kQueryTile, rt, ws.rn.data() + j0, c, blk1 - blk0,
+                          ws.keys.data(), kRefChunk);
+      } else {
+        kernels.direct(qg, rt, c, blk1 - blk0, ws.keys.data(), kRefChunk);
+      }
+      for (int64_t t = g * kQueryTile; t < std::min(nq, (g + 1) * kQueryTile); ++t) {
+        TopK& tk = top[t];
+        const float* keys = ws.keys.data() + (t - g * kQueryTile) * kRefChunk;
+        if (!expansion) {
+          ScanNotAbove(keys, count, [&] { return tk.Worst(); }, [&](int64_t j) {
+            tk.Push(std::isnan(keys[j]) ? std::numeric_limits<float>::infinity() : keys[j],
+                    static_cast<int32_t>(j0 + j));
+          });
+          continue;
+        }
+        // Rounded up; +inf (refine every candidate) while the top k is not full or if a norm overflowed.
+        const double e = eps[t];
+        const float* qt = ws.qpack.data() + t * c;
+        ScanNotAbove(keys, count, [&] { return static_cast<float>((tk.Worst() + e) * (1.0 + 1e-6)); },
+                     [&](int64_t j) { tk.Push(ExactSqDist(qt, r + (j0 + j) * c, c), static_cast<int32_t>(j0 + j)); });
+      }
+    }
+  }
+}
+
+ffi::Future KnnImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer ref, int32_t k,
+                    ffi::Result<ffi::AnyBuffer> dist, ffi::Result<ffi::AnyBuffer> idx) {
+  auto sq = AsPointShape(query.dimensions(), "query");
+  if (sq.has_error()) return Fail(sq.error());
+  auto sr = AsPointShape(ref.dimensions(), "ref");
+  if (sr.has_error()) return Fail(sr.error());
+  if (query.element_type() != ffi::F32 || ref.element_type() != ffi::F32)
+    return Fail(InvalidArgument(kKnn, "query and ref must be float32"));
+  if (sq->b != sr->b)
+    return Fail(InvalidArgument(kKnn, "batch mismatch: query has " + std::to_string(sq->b) + ", ref has " +
+                                          std::to_string(sr->b)));
+  if (sq->c != sr->c || sq->c < 1)
+    return Fail(InvalidArgument(kKnn, "query and ref must have the same channel count >= 1, got " +
+                                          std::to_string(sq->c) + " and " + std::to_string(sr->c)));
+  if (k < 1 || k > sr->n)
+    return Fail(InvalidArgument(kKnn, "k must be in [1, N=" + std::to_string(sr->n) + "], got " + std::to_string(k)));
+  const int64_t nb = sq->b, m = sq->n, n = sr->n, c = sq->c, kk = k;
+  if (dist->element_type() != ffi::F32 || dist->element_count() != static_cast<size_t>(nb * m * kk) ||
+      idx->element_type() != ffi::S32 || idx->element_count() != static_cast<size_t>(nb * m * kk))
+    return Fail(InvalidArgument(kKnn, "outputs must be float32 / int32 [..., M, k]"));
+
+  const float* pq = query.typed_data<float>();
+  const float* pr = ref.typed_data<float>();
+  float* out_d = dist->typed_data<float>();
+  int32_t* out_i = idx->typed_data<int32_t>();
+  static const Kernels kernels = SelectKernels();
+  // Work items are queries; a task prepares the refs of each example it touches (N * C copies), so it gets
+  // enough queries to amortise that.
+  return ParallelFor(pool, nb * m, 32, [=](int64_t begin, int64_t end) {
+    KnnWorkspace ws;
+    for (int64_t q0 = begin; q0 < end;) {
+      const int64_t b = q0 / m, q1 = std::min(end, (b + 1) * m);
+      KnnQueries(kernels, pq + b * m * c, pr + b * n * c, n, c, kk, q0 - b * m, q1 - b * m, ws,
+                 out_d + b * m * kk, out_i + b * m * kk);
+      q0 = q1;
+    }
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BallQueryCpu, BallQueryImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<float>("radius")
+                                  .Attr<int32_t>("nsample")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_OPS_REGISTER(kBallQuery, BallQueryCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupPointsCpu, GroupPointsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_OPS_REGISTER(kGroup, GroupPointsCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupPointsGradCpu, GroupPointsGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("npoints")
+                                  .Ret<ffi::AnyBuffer>());
+XLA_OPS_REGISTER(kGroupGrad, GroupPointsGradCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KnnCpu, KnnImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("k")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+XLA_OPS_REGISTER(kKnn, KnnCpu);
+
+}  // namespace xla_ops

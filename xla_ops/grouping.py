@@ -1,0 +1,197 @@
+"""Neighbourhoods of points: ball query, grouping (gather) and k-nearest neighbours.
+
+* ``ball_query``: for every query, the first ``nsample`` points of ``xyz`` in index order with squared
+  distance ``< radius**2``; unfilled slots repeat the first hit; ``count`` is the number of hits
+  (<= nsample). An empty ball gives idx 0 in every slot and count 0 (the original left it uninitialised).
+* ``group_points``: gather ``[..., N, C]`` by ``[..., M, K]`` -> ``[..., M, K, C]``; its gradient w.r.t.
+  ``points`` is a deterministic scatter-add custom call (each output element is summed by one thread in
+  ascending (m, k) order, so it does not depend on the thread count).
+* ``knn``: the ``k`` nearest ``ref`` points of every query in any channel count, ascending, ties to the
+  lowest index (a point is its own first neighbour when ``query is ref``, unless it has an exact
+  duplicate of lower index). The custom call returns the indices; the squared distances are recomputed in
+  jnp from a gather, so they are differentiable w.r.t. ``query`` and ``ref`` (the order is decided by the
+  handler's float32 sums, so recomputed neighbours at near-equal distances may differ in the last bit).
+
+NaN/Inf: a NaN distance counts as +inf. ``knn`` ranks NaN candidates last (lowest index first) and their
+recomputed distance is NaN; ``ball_query`` never accepts a NaN distance (a NaN query has an empty ball).
+Indices outside ``[0, N)`` given to ``group_points``: the CPU custom call raises an INVALID_ARGUMENT error;
+the CUDA one reads zeros and ``impl="jnp"`` follows jnp's out-of-bounds gather (also zeros: mode="fill").
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xla_ops import _checks
+from xla_ops._ffi import batched_call
+
+_QUERY_CHUNK = 64  # queries per vmapped step of the jnp implementations
+
+
+def _map_examples_and_queries(fn, queries: jax.Array, points: jax.Array) -> tuple[jax.Array, ...]:
+  """Applies ``fn(q [C], points [N, C]) -> tuple of arrays`` to every query of every example.
+
+  queries [..., M, C] and points [..., N, C] share the batch shape; returns arrays [..., M, *out_shape]. The
+  queries of an example are processed ``_QUERY_CHUNK`` at a time (bounded memory for the jnp baselines).
+  """
+  batch = queries.shape[:-2]
+  q = queries.reshape((-1,) + queries.shape[-2:])
+  p = points.reshape((-1,) + points.shape[-2:])
+
+  def per_example(qe, pe):
+    return jax.lax.map(lambda qi: fn(qi, pe), qe, batch_size=_QUERY_CHUNK)
+
+  outs = jax.vmap(per_example)(q, p)
+  return tuple(o.reshape(batch + o.shape[1:]) for o in outs)
+
+
+def _check_radius(radius) -> float:
+  if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)):
+    raise TypeError(f"radius must be a Python or numpy scalar, got {type(radius).__name__}")
+  if not (math.isfinite(float(radius)) and float(radius) > 0):
+    raise ValueError(f"radius must be a finite number > 0, got {radius}")
+  return float(radius)
+
+
+# ---- ball_query -------------------------------------------------------------------------------------
+
+
+def _ball_query_one(q: jax.Array, xyz: jax.Array, r2: jax.Array, nsample: int):
+  """Masked-cumsum ball query of one query q [3] against xyz [N, 3] -> (idx [nsample], count [])."""
+  dx, dy, dz = xyz[:, 0] - q[0], xyz[:, 1] - q[1], xyz[:, 2] - q[2]
+  hit = dx * dx + dy * dy + dz * dz < r2
+  rank = jnp.cumsum(hit.astype(jnp.int32))  # rank[j] = hits among 0..j
+  # The (s+1)-th hit is the first position where rank reaches s+1 (N when there are fewer hits).
+  idx = jnp.searchsorted(rank, jnp.arange(1, nsample + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
+  count = jnp.minimum(rank[-1], nsample)
+  first = jnp.where(count > 0, idx[0], 0)
+  return jnp.where(jnp.arange(nsample) < count, idx, first), count
+
+
+def ball_query(xyz: jax.Array, new_xyz: jax.Array, radius: float, nsample: int, *, impl: str = "ffi"):
+  """Points of ``xyz`` within ``radius`` of every point of ``new_xyz`` (the first ``nsample``, index order).
+
+  Args:
+    xyz: float32 [..., N, 3] searched points.
+    new_xyz: float32 [..., M, 3] query centres, same batch shape.
+    radius: ball radius > 0 (a point is inside when its squared distance is < radius**2 in float32).
+    nsample: slots per query, >= 1 (may exceed N: the extra slots repeat the first hit).
+    impl: "ffi" (custom call) or "jnp" (masked cumsum, query chunks).
+  Returns:
+    (idx int32 [..., M, nsample], count int32 [..., M]). Not differentiable.
+  """
+  _checks.check_impl(impl)
+  _checks.check_points(xyz, "xyz")
+  _checks.check_points(new_xyz, "new_xyz", min_points=0)
+  _checks.check_same_batch("xyz", xyz.shape[:-2], "new_xyz", new_xyz.shape[:-2])
+  radius = _check_radius(radius)
+  _checks.check_positive_int(nsample, "nsample")
+  xyz, new_xyz = jax.lax.stop_gradient(xyz), jax.lax.stop_gradient(new_xyz)
+  m = new_xyz.shape[-2]
+  if impl == "ffi":
+    return batched_call("xla_ops_ball_query", (xyz, new_xyz), core_ndims=(2, 2),
+                        out_core=(((m, nsample), jnp.int32), ((m,), jnp.int32)),
+                        radius=np.float32(radius), nsample=np.int32(nsample))
+  r2 = jnp.float32(radius) * jnp.float32(radius)
+  return _map_examples_and_queries(lambda q, p: _ball_query_one(q, p, r2, nsample), new_xyz, xyz)
+
+
+# ---- group_points -----------------------------------------------------------------------------------
+
+
+def _gather_jnp(points: jax.Array, idx: jax.Array) -> jax.Array:
+  """points [..., N, C], idx [..., M, K] -> [..., M, K, C] (out-of-range indices read zeros)."""
+  m, k = idx.shape[-2:]
+  flat = idx.reshape(idx.shape[:-2] + (m * k, 1))
+  out = jnp.take_along_axis(points, flat, axis=-2, mode="fill", fill_value=0)
+  return out.reshape(idx.shape + points.shape[-1:])
+
+
+def _group_points_call(points, idx):
+  m, k = idx.shape[-2:]
+  (out,) = batched_call("xla_ops_group_points", (points, idx), core_ndims=(2, 2),
+                        out_core=(((m, k, points.shape[-1]), jnp.float32),))
+  return out
+
+
+@jax.custom_vjp
+def _group_points_ffi(points, idx):
+  return _group_points_call(points, idx)
+
+
+def _group_points_fwd(points, idx):
+  return _group_points_call(points, idx), (idx, points.shape[-2])
+
+
+def _group_points_bwd(res, grad_out):
+  idx, npoints = res
+  (grad_points,) = batched_call("xla_ops_group_points_grad", (grad_out, idx), core_ndims=(3, 2),
+                                out_core=(((npoints, grad_out.shape[-1]), jnp.float32),),
+                                npoints=np.int32(npoints))
+  return grad_points, None
+
+
+_group_points_ffi.defvjp(_group_points_fwd, _group_points_bwd)
+
+
+def group_points(points: jax.Array, idx: jax.Array, *, impl: str = "ffi") -> jax.Array:
+  """Gathers point features by neighbourhood indices.
+
+  Args:
+    points: float32 [..., N, C].
+    idx: int32 [..., M, K] indices in [0, N), same batch shape.
+    impl: "ffi" (custom call, scatter-add custom call for the gradient) or "jnp" (take_along_axis).
+  Returns:
+    float32 [..., M, K, C], differentiable w.r.t. ``points``.
+  """
+  _checks.check_impl(impl)
+  _checks.check_points(points, "points", channels=None)
+  _checks.check_indices(idx, "idx", ndim_min=2)
+  _checks.check_same_batch("points", points.shape[:-2], "idx", idx.shape[:-2])
+  if impl == "ffi":
+    return _group_points_ffi(points, idx)
+  return _gather_jnp(points, idx)
+
+
+# ---- knn ----------------------------------------------------------------------------------------------
+
+
+def _knn_one(q: jax.Array, ref: jax.Array, k: int):
+  """top_k on -distance of one query q [C] against ref [N, C] -> (idx [k],); NaN distances count as +inf."""
+  d = jnp.sum((ref - q) ** 2, axis=-1)
+  d = jnp.where(jnp.isnan(d), jnp.inf, d)
+  return (jax.lax.top_k(-d, k)[1].astype(jnp.int32),)  # top_k is stable: ties keep the lower index
+
+
+def knn(query: jax.Array, ref: jax.Array, k: int, *, impl: str = "ffi"):
+  """The k nearest points of ``ref`` to every point of ``query``.
+
+  Args:
+    query: float32 [..., M, C].
+    ref: float32 [..., N, C], same batch shape and channel count C (any C >= 1).
+    k: neighbours per query, 1 <= k <= N.
+    impl: "ffi" (custom call) or "jnp" (lax.top_k on -distances, query chunks).
+  Returns:
+    (dist float32 [..., M, k] squared distances ascending, idx int32 [..., M, k]); ``dist`` is
+    differentiable w.r.t. ``query`` and ``ref``.
+  """
+  _checks.check_impl(impl)
+  _checks.check_points(query, "query", channels=None, min_points=0)
+  _checks.check_points(ref, "ref", channels=None)
+  _checks.check_same_batch("query", query.shape[:-2], "ref", ref.shape[:-2])
+  if query.shape[-1] != ref.shape[-1]:
+    raise ValueError(f"query and ref must have the same channel count, got query shape {query.shape} and "
+                     f"ref shape {ref.shape}")
+  _checks.check_positive_int(k, "k", upper=ref.shape[-2], upper_name="the number of ref points N")
+  sq, sr = jax.lax.stop_gradient(query), jax.lax.stop_gradient(ref)
+  if impl == "ffi":
+    _, idx = batched_call("xla_ops_knn", (sq, sr), core_ndims=(2, 2),
+                          out_core=(((query.shape[-2], k), jnp.float32), ((query.shape[-2], k), jnp.int32)),
+                          k=np.int32(k))
+  else:
+    (idx,) = _map_examples_and_queries(lambda q, p: _knn_one(q, p, k), sq, sr)
+  dist = jnp.sum((query[..., :, None, :] - _gather_jnp(ref, idx)) ** 2, axis=-1)
+  return dist, idx

@@ -1,0 +1,63 @@
+"""Farthest point sampling (the original ``farthest_point_sample`` op).
+
+The first pick is index 0; every point keeps its running minimum squared distance to the picked set
+(starting at +inf) and the next pick is the argmax, ties going to the lowest index. The output order has the
+prefix property: ``fps(P, 4096)[..., :1024] == fps(P, 1024)``. Once every distinct point is picked (inputs
+with duplicates, npoint close to N) all distances are 0 and the remaining picks are index 0.
+
+Differences from the original GPU kernel: its tree reduction breaks ties by thread id, not strictly by the
+lowest index, and its running distance starts at 1e38 instead of +inf; the picks agree whenever there are
+no exact ties.
+
+NaN coordinates: a NaN distance never replaces a running minimum, so a NaN point keeps distance +inf and is
+picked as soon as no point with a larger distance remains (lowest NaN index first); if a picked point is
+NaN, that pass updates nothing. Every output index is in ``[0, N)``; no error is raised.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xla_ops import _checks
+from xla_ops._ffi import batched_call
+
+
+def _fps_jnp(xyz: jax.Array, npoint: int) -> jax.Array:
+  """lax.fori_loop FPS of one example: xyz [N, 3] -> [npoint] int32."""
+  x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+
+  def body(t, state):
+    dist, idx = state
+    c = xyz[idx[t - 1]]
+    dx, dy, dz = x - c[0], y - c[1], z - c[2]
+    d = dx * dx + dy * dy + dz * dz
+    dist = jnp.where(d < dist, d, dist)  # NaN never replaces
+    return dist, idx.at[t].set(jnp.argmax(dist).astype(jnp.int32))  # argmax: first maximum
+
+  dist0 = jnp.full(xyz.shape[0], jnp.inf, jnp.float32)
+  idx0 = jnp.zeros(npoint, jnp.int32)
+  return jax.lax.fori_loop(1, npoint, body, (dist0, idx0))[1]
+
+
+def farthest_point_sample(xyz: jax.Array, npoint: int, *, impl: str = "ffi") -> jax.Array:
+  """Farthest point sampling from index 0.
+
+  Args:
+    xyz: float32 [..., N, 3].
+    npoint: number of points to pick, 1 <= npoint <= N (a Python int).
+    impl: "ffi" (custom call; examples run in parallel, each on one thread) or "jnp" (lax.fori_loop).
+  Returns:
+    int32 [..., npoint] indices into the N points. Not differentiable (xyz is stop-gradient'ed).
+  """
+  _checks.check_impl(impl)
+  _checks.check_points(xyz, "xyz")
+  _checks.check_positive_int(npoint, "npoint", upper=xyz.shape[-2], upper_name="the number of points N")
+  xyz = jax.lax.stop_gradient(xyz)
+  if impl == "ffi":
+    (idx,) = batched_call("xla_ops_farthest_point_sample", (xyz,), core_ndims=(2,),
+                          out_core=(((npoint,), jnp.int32),), npoint=np.int32(npoint))
+    return idx
+  batch = xyz.shape[:-2]
+  flat = xyz.reshape((-1,) + xyz.shape[-2:])
+  return jax.vmap(lambda p: _fps_jnp(p, npoint))(flat).reshape(batch + (npoint,))
