@@ -15,7 +15,7 @@
 NaN/Inf: a NaN distance counts as +inf. ``knn`` ranks NaN candidates last (lowest index first) and their
 recomputed distance is NaN; ``ball_query`` never accepts a NaN distance (a NaN query has an empty ball).
 Indices outside ``[0, N)`` given to ``group_points``: the CPU custom call raises an INVALID_ARGUMENT error;
-the CUDA one reads zeros and ``impl="jnp"`` follows jnp's out-of-bounds gather (also zeros: mode="fill").
+the CUDA one and ``impl="jnp"`` read zeros for them.
 """
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ def _gather_jnp(points: jax.Array, idx: jax.Array) -> jax.Array:
   """points [..., N, C], idx [..., M, K] -> [..., M, K, C] (out-of-range indices read zeros)."""
   m, k = idx.shape[-2:]
   flat = idx.reshape(idx.shape[:-2] + (m * k, 1))
-  out = jnp.take_along_axis(points, flat, axis=-2, mode="fill", fill_value=0)
+  valid = (flat >= 0) & (flat < points.shape[-2])
+  out = jnp.where(valid, jnp.take_along_axis(points, flat, axis=-2, mode="clip"), 0)
   return out.reshape(idx.shape + points.shape[-1:])
 
 
