@@ -1,0 +1,407 @@
+"""Benchmark of the xla_ops CPU custom calls vs their pure-jnp versions and the CPU tools a user would pick.
+
+Every (case, implementation) pair runs in a fresh subprocess (the same interpreter and environment), one
+after the other, so all ratios come from one run on the same machine state:
+
+* time: median of ``--repeats`` runs after one warm-up run (jax functions are compiled ahead of time and
+  every run blocks until its results are ready);
+* memory: peak RSS of the first execution minus the RSS just before it (inputs created, function
+  compiled, freed heap returned with malloc_trim), read from /proc/self/status (VmHWM, reset through
+  /proc/self/clear_refs); it includes XLA's temporaries, the handlers' own buffers and the outputs;
+* arithmetic limit: the op's flop count divided by the CPU's peak fp32 rate (stated in the output). For ops
+  that use a spatial index (nn_distance, knn and ball query via trees) the count is the brute-force one,
+  so a ratio below 1 means faster than any brute-force evaluation could be.
+
+  python -m experiments.bench_ops            # full sizes; prints the table, writes docs/benchmarks.md
+  python -m experiments.bench_ops --quick    # small sizes (smoke test); writes a file only with --out
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app, flags
+
+_QUICK = flags.DEFINE_bool("quick", False, "Small sizes and 2 timed runs (smoke test).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported); --quick uses 2.")
+_OUT = flags.DEFINE_string("out", None, "Markdown output (default docs/benchmarks.md for a full run).")
+_CASES = flags.DEFINE_list("cases", None, "Only these cases (names as in the table's first column).")
+_ISOLATE = flags.DEFINE_bool("isolate", None, "One subprocess per measurement (default: on, off with --quick).")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run one 'case/impl' measurement, print JSON.")
+
+FLOPS_PER_CYCLE_AVX2 = 32  # per core: 2 FMA pipes x 8 fp32 lanes x 2 flops
+FLOPS_PER_CYCLE_AVX512 = 64  # per core: 2 FMA pipes x 16 fp32 lanes x 2 flops
+
+
+# ---- the cases ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Impl:
+  label: str
+  setup: Callable[[dict], Callable[[], Any]]  # sizes -> a no-argument function that runs once, blocking
+  needs: str  # an xla_ops op ("xla_ops.<name>") or a module that must import
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  full: dict
+  quick: dict
+  describe: Callable[[dict], str]
+  flops: Callable[[dict], float]  # per run
+  flop_note: str
+  impls: tuple[Impl, ...]
+
+
+def _rng():
+  import numpy as np
+  return np.random.default_rng(0)
+
+
+def _clouds(s: dict, *shapes):
+  """Uniform float32 clouds in the unit cube, one per shape (tuples of size names or ints)."""
+  rng = _rng()
+  return [rng.random(tuple(s[d] if isinstance(d, str) else d for d in shape), dtype="float32") for shape in shapes]
+
+
+def _jax_runner(fn, *args):
+  """AOT-compiles ``fn`` for ``args``; returns a blocking no-argument runner."""
+  import jax
+  compiled = jax.jit(fn).lower(*args).compile()
+  return lambda: jax.block_until_ready(compiled(*args))
+
+
+def _xla_op(name):
+  import xla_ops
+  return getattr(xla_ops, name)
+
+
+def _nn(impl):
+  def setup(s):
+    a, b = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+    return _jax_runner(lambda a, b: _xla_op("nn_distance")(a, b, impl=impl), a, b)
+  return setup
+
+
+def _nn_ckdtree(s):
+  from scipy.spatial import cKDTree
+  a, b = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+
+  def run():  # both trees and both directions, per example, queries on all cores
+    for x, y in zip(a, b):
+      tx, ty = cKDTree(x), cKDTree(y)
+      ty.query(x, k=1, workers=-1)
+      tx.query(y, k=1, workers=-1)
+  return run
+
+
+def _chamfer_grad(impl):
+  def setup(s):
+    import jax
+    a, b = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+    loss = lambda a, b: _xla_op("chamfer_distance")(a, b, impl=impl)
+    return _jax_runner(jax.value_and_grad(loss, argnums=(0, 1)), a, b)
+  return setup
+
+
+def _fps(impl):
+  def setup(s):
+    (xyz,) = _clouds(s, ("B", "N", 3))
+    return _jax_runner(lambda x: _xla_op("farthest_point_sample")(x, s["npoint"], impl=impl), xyz)
+  return setup
+
+
+def _fps_fpsample(s):
+  import fpsample
+  (xyz,) = _clouds(s, ("B", "N", 3))
+  return lambda: [fpsample.fps_sampling(x, s["npoint"], start_idx=0) for x in xyz]
+
+
+def _knn(impl):
+  def setup(s):
+    (x,) = _clouds(s, ("B", "N", "C"))
+    return _jax_runner(lambda x: _xla_op("knn")(x, x, s["k"], impl=impl), x)
+  return setup
+
+
+def _knn_ckdtree(s):
+  from scipy.spatial import cKDTree
+  (x,) = _clouds(s, ("B", "N", "C"))
+  return lambda: [cKDTree(p).query(p, k=s["k"], workers=-1) for p in x]
+
+
+def _ball(impl):
+  def setup(s):
+    xyz, new_xyz = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+    return _jax_runner(
+        lambda x, q: _xla_op("ball_query")(x, q, s["radius"], s["nsample"], impl=impl), xyz, new_xyz)
+  return setup
+
+
+def _ball_ckdtree(s):
+  from scipy.spatial import cKDTree
+  xyz, new_xyz = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+  # All hits of every ball, sorted by index (the first nsample are the op's result; truncating is not timed).
+  return lambda: [cKDTree(x).query_ball_point(q, s["radius"], workers=-1, return_sorted=True)
+                  for x, q in zip(xyz, new_xyz)]
+
+
+def _emd(impl):
+  def setup(s):
+    x1, x2 = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+    match_cost, approx_match = _xla_op("match_cost"), _xla_op("approx_match")
+    return _jax_runner(lambda p, q: match_cost(p, q, approx_match(p, q, impl=impl), impl=impl), x1, x2)
+  return setup
+
+
+def _emd_pot(s):
+  import numpy as np
+  import ot
+  x1, x2 = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+  n, m = s["N"], s["M"]
+
+  def exact():  # total cost with every point of mass 1 (n == m), as match_cost sums it
+    return np.array([n * ot.emd2(np.full(n, 1 / n), np.full(m, 1 / m), ot.dist(p, q, metric="euclidean"))
+                     for p, q in zip(x1.astype(np.float64), x2.astype(np.float64))])
+  return exact
+
+
+def _emd_error(s) -> str:
+  """Relative error of approx_match + match_cost (ffi) against POT's exact EMD, same clouds."""
+  import numpy as np
+  x1, x2 = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+  approx = np.asarray(_xla_op("earth_mover_distance")(x1, x2), np.float64)
+  exact = _emd_pot(s)()
+  rel = approx / exact - 1
+  return f"approx EMD / exact - 1: mean {rel.mean():+.2%}, range [{rel.min():+.2%}, {rel.max():+.2%}]"
+
+
+def _bnm(s):
+  return f"B={s['B']} N={s['N']} M={s['M']}"
+
+
+CASES = (
+    Case("nn_distance", dict(B=4, N=16384, M=16384), dict(B=2, N=512, M=512), _bnm,
+         lambda s: 2 * s["B"] * s["N"] * s["M"] * 8, "2 directions x B*N*M pairs x 8 (3 sub, 3 mul, 2 add)",
+         (Impl("ffi", _nn("ffi"), "xla_ops.nn_distance"), Impl("jnp (chunked)", _nn("jnp"), "xla_ops.nn_distance"),
+          Impl("scipy cKDTree", _nn_ckdtree, "scipy.spatial"))),
+    Case("chamfer_distance value+grad", dict(B=4, N=16384, M=16384), dict(B=2, N=512, M=512), _bnm,
+         lambda s: 2 * s["B"] * s["N"] * s["M"] * 8, "as nn_distance (the gradient is O(B*(N+M)))",
+         (Impl("ffi", _chamfer_grad("ffi"), "xla_ops.chamfer_distance"),
+          Impl("jnp (chunked)", _chamfer_grad("jnp"), "xla_ops.chamfer_distance"))),
+    Case("farthest_point_sample", dict(B=8, N=16384, npoint=4096), dict(B=2, N=1024, npoint=128),
+         lambda s: f"B={s['B']} N={s['N']} npoint={s['npoint']}",
+         lambda s: s["B"] * s["npoint"] * s["N"] * 10, "B*npoint*N x 10 (distance 8, min 1, argmax 1)",
+         (Impl("ffi", _fps("ffi"), "xla_ops.farthest_point_sample"),
+          Impl("jnp (fori_loop)", _fps("jnp"), "xla_ops.farthest_point_sample"),
+          Impl("fpsample.fps_sampling", _fps_fpsample, "fpsample"))),
+    Case("knn", dict(B=4, N=4096, C=64, k=20), dict(B=2, N=256, C=16, k=8),
+         lambda s: f"B={s['B']} N=M={s['N']} C={s['C']} k={s['k']}",
+         lambda s: s["B"] * s["N"] * s["N"] * 3 * s["C"], "B*N*N pairs x 3C (sub, mul, add per channel)",
+         (Impl("ffi", _knn("ffi"), "xla_ops.knn"), Impl("jnp (top_k)", _knn("jnp"), "xla_ops.knn"),
+          Impl("scipy cKDTree", _knn_ckdtree, "scipy.spatial"))),
+    Case("ball_query", dict(B=8, N=16384, M=1024, radius=0.1, nsample=32),
+         dict(B=2, N=1024, M=128, radius=0.2, nsample=16),
+         lambda s: f"B={s['B']} N={s['N']} M={s['M']} r={s['radius']} nsample={s['nsample']}",
+         lambda s: s["B"] * s["M"] * s["N"] * 8, "B*M*N pairs x 8 (full scan; the op may stop early)",
+         (Impl("ffi", _ball("ffi"), "xla_ops.ball_query"), Impl("jnp", _ball("jnp"), "xla_ops.ball_query"),
+          Impl("scipy cKDTree (all hits)", _ball_ckdtree, "scipy.spatial"))),
+    Case("approx_match+match_cost", dict(B=8, N=1024, M=1024), dict(B=2, N=128, M=128), _bnm,
+         lambda s: s["B"] * s["N"] * s["M"] * (8 + 10 * 20 + 12),
+         "B*N*M x (8 distance + 10 rounds x ~20 (exp ~12, 3 weighted sums) + 12 cost)",
+         (Impl("ffi", _emd("ffi"), "xla_ops.approx_match"), Impl("jnp", _emd("jnp"), "xla_ops.approx_match"),
+          Impl("POT ot.emd2 (exact EMD)", _emd_pot, "ot"))),
+)
+EXTRA = {("approx_match+match_cost", "POT ot.emd2 (exact EMD)"): _emd_error}
+TARGETS = {  # case -> (other implementation, minimum speed-up of ffi over it)
+    "nn_distance": [("jnp (chunked)", 8.0), ("scipy cKDTree", 1.0)],
+    "chamfer_distance value+grad": [("jnp (chunked)", 8.0)],
+    "farthest_point_sample": [("jnp (fori_loop)", 20.0), ("fpsample.fps_sampling", 1.0)],
+    "knn": [("jnp (top_k)", 4.0)],
+    "approx_match+match_cost": [("jnp", 10.0)],
+}
+
+
+def _available(needs: str) -> bool:
+  if needs.startswith("xla_ops."):
+    import xla_ops
+    return needs.split(".", 1)[1] in xla_ops.__all__
+  try:
+    importlib.import_module(needs)
+    return True
+  except ImportError:
+    return False
+
+
+# ---- measuring (worker process) ------------------------------------------------------------------
+def _status_kib(key: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(key + ":"):
+        return int(line.split()[1])
+  raise KeyError(key)
+
+
+def _measure(run: Callable[[], Any], repeats: int) -> dict:
+  import gc
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:
+    pass
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the current RSS
+  before = _status_kib("VmRSS")
+  run()
+  peak_mib = (_status_kib("VmHWM") - before) / 1024
+  run()  # warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return dict(times=times, peak_mib=peak_mib)
+
+
+def _measure_spec(spec: str, quick: bool, repeats: int) -> dict:
+  """Measures one 'case/impl' (in this process)."""
+  case_name, label = spec.split("/", 1)
+  case = next(c for c in CASES if c.name == case_name)
+  impl = next(i for i in case.impls if i.label == label)
+  sizes = case.quick if quick else case.full
+  result = _measure(impl.setup(sizes), repeats)
+  if (case_name, label) in EXTRA:
+    result["extra"] = EXTRA[case_name, label](sizes)
+  return result
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+def _cpu_peak() -> tuple[float, str]:
+  cores = os.cpu_count() or 1
+  ghz, avx512 = 2.45, False
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+    avx512 = " avx512f" in info
+    ghz = float(info.split("cpu MHz")[1].split(":")[1].split()[0]) / 1000
+  except (OSError, IndexError, ValueError):
+    pass
+  per_cycle = FLOPS_PER_CYCLE_AVX512 if avx512 else FLOPS_PER_CYCLE_AVX2
+  peak = cores * ghz * 1e9 * per_cycle
+  note = (f"{cores} cores x {ghz:.2f} GHz (the nominal clock /proc/cpuinfo reports; turbo not assumed) x "
+          f"{per_cycle} fp32 flops/cycle ({'AVX-512' if avx512 else 'AVX2'}: 2 FMA pipes) = "
+          f"{peak / 1e9:.0f} GFLOP/s")
+  return peak, note
+
+
+def _run_worker(spec: str, quick: bool, repeats: int) -> dict:
+  """Measures one 'case/impl' in a fresh subprocess."""
+  cmd = [sys.executable, "-m", "experiments.bench_ops", f"--worker={spec}", f"--repeats={repeats}"]
+  if quick:
+    cmd.append("--quick")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  raise RuntimeError(f"{spec} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def _fmt_ratio(x: float) -> str:
+  return f"{x:.0f}x" if x >= 10 else f"{x:.2g}x"
+
+
+def _fmt_time(t: float) -> str:
+  return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def main(argv):
+  del argv
+  quick, repeats = _QUICK.value, (2 if _QUICK.value else _REPEATS.value)
+  if _WORKER.value:
+    print("RESULT " + json.dumps(_measure_spec(_WORKER.value, quick, repeats)))
+    return
+  isolate = (not quick) if _ISOLATE.value is None else _ISOLATE.value
+  measure = _run_worker if isolate else _measure_spec
+  peak, peak_note = _cpu_peak()
+  rows, extras, verdicts = [], [], []
+  started = datetime.datetime.now(datetime.timezone.utc)
+  for case in CASES:
+    if _CASES.value and case.name not in _CASES.value:
+      continue
+    sizes = case.quick if quick else case.full
+    results = {}
+    for impl in case.impls:
+      if not _available(impl.needs):
+        print(f"skip {case.name} / {impl.label}: {impl.needs} not available", flush=True)
+        continue
+      results[impl.label] = measure(f"{case.name}/{impl.label}", quick, repeats)
+      r = results[impl.label]
+      print(f"{case.name:28s} {impl.label:26s} median {_fmt_time(statistics.median(r['times']))}  "
+            f"peak +{r['peak_mib']:.0f} MiB", flush=True)
+      if "extra" in r:
+        extras.append(f"- {case.name}, {case.describe(sizes)}: {r['extra']}")
+    if "ffi" not in results:
+      continue
+    ffi_time = statistics.median(results["ffi"]["times"])
+    limit = case.flops(sizes) / peak
+    for label, r in results.items():
+      med = statistics.median(r["times"])
+      speedup = "" if label == "ffi" else f"{med / ffi_time:.1f}x"
+      rows.append(f"| {case.name} | {case.describe(sizes)} | {label} | {_fmt_time(med)} | "
+                  f"{_fmt_time(min(r['times']))} - {_fmt_time(max(r['times']))} | {r['peak_mib']:.0f} | "
+                  f"{speedup} | {_fmt_ratio(med / limit)} |")
+    for other, target in TARGETS.get(case.name, []):
+      if other in results and not quick:
+        got = statistics.median(results[other]["times"]) / ffi_time
+        verdicts.append(f"- {case.name}: ffi vs {other}: {got:.1f}x (target >= {target:g}x): "
+                        f"{'met' if got >= target else 'NOT met'}")
+  flop_notes = [f"- {c.name}: {c.flop_note}" for c in CASES if not _CASES.value or c.name in _CASES.value]
+  lines = [
+      "# xla_ops CPU benchmarks",
+      "",
+      f"Generated by `python -m experiments.bench_ops{' --quick' if quick else ''}` on "
+      f"{started:%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}, {peak_note}.",
+      "",
+      "The machine is a shared 2-core VM with other jobs running: timings are noisy (often +-30%) and all "
+      f"ratios are taken from the same run. {'Each row is a fresh process' if isolate else 'One process'}: "
+      f"median of {repeats} runs after one warm-up; jax functions are compiled ahead of time and XLA uses its default "
+      "thread pool (one per core); scipy uses workers=-1; fpsample and POT are single-threaded and called "
+      "per example.",
+      "",
+      "Peak MiB: peak RSS of the first execution minus the RSS just before it (inputs made, function "
+      "compiled, malloc_trim), from /proc/self/status VmHWM after resetting it via /proc/self/clear_refs.",
+      "",
+      "x of limit: median time / (flops / peak fp32 rate). Flop counts are brute-force counts (below), "
+      "so for tree-based searches a value below 1 means faster than any brute-force evaluation.",
+      "",
+      "| op | sizes | implementation | median | min - max | peak MiB | ffi speed-up | x of limit |",
+      "|---|---|---|---|---|---|---|---|",
+      *rows,
+      "",
+  ]
+  if verdicts:
+    lines += ["## Targets (this run)", "", *verdicts, ""]
+  if extras:
+    lines += ["## Accuracy", "", *extras, ""]
+  lines += ["## Flop counts", "", *flop_notes, ""]
+  text = "\n".join(lines)
+  print("\n" + text)
+  out = _OUT.value or (None if quick else os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"))
+  if out:
+    with open(out, "w") as f:
+      f.write(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
