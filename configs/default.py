@@ -29,7 +29,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   config.num_train_steps = 20 * PAPER_STEPS_PER_EPOCH[32]
 
   config.log_every = 100  # the original logs every 100 iterations
-  config.eval_every = 5000
+  config.eval_every = 5000  # loss on eval_batches of the eval split every this many steps and at the end (<= 0: never)
   config.eval_batches = 50  # batches of the eval split per periodic evaluation (-1: all)
   config.checkpoint_every = 2000
   config.keep_checkpoints = 3

@@ -69,7 +69,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.num_train_steps must be > 0, got {config.num_train_steps}")
   if config.learning_rate <= 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
-  for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+  for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"config.{name} must be > 0, got {config[name]}")
   root = config.data.get("root")
@@ -119,8 +119,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def create_train_state(model, tx: optax.GradientTransformation, example_batch: dict, seed: int) -> TrainState:
   """Initialises parameters from ``example_batch`` (only its shapes matter)."""
-  rng = jax.random.PRNGKey(seed)
-  init_rng, state_rng = jax.random.split(rng)
+  # XLA's RngBitGenerator keys: the initialisers of a few hundred parameters compile ~4x faster on CPU than
+  # with threefry keys (the forward pass is dead code under jit: init returns only the variables).
+  init_rng = jax.random.key(seed, impl="unsafe_rbg")
+  state_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
   variables = jax.jit(functools.partial(model.init, train=False))({"params": init_rng}, example_batch)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -325,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      config.num_train_steps, scalars["loss"], scalars.get("cd", float("nan")), steps_per_sec,
                      _format_duration(eta))
         pending, period_start, period_step = [], time.time(), step
-      if step % config.eval_every == 0 or step == config.num_train_steps:
+      if config.eval_every > 0 and (step % config.eval_every == 0 or step == config.num_train_steps):
         eval_scalars = evaluate_loss(eval_fn, state, eval_iter_fn(), config.stage, mesh, config.eval_batches)
         writer.write(step, "eval", eval_scalars)
         logging.info("[%s] eval at step %d: %s", config.stage, step,

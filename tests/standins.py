@@ -114,7 +114,7 @@ def tiny_config(stage: str, root: str) -> ml_collections.ConfigDict:
   """A training config for the stand-ins (root must exist: validate_config checks it)."""
   config = ml_collections.ConfigDict()
   config.stage = stage
-  config.model = ml_collections.ConfigDict({"ops_impl": "jnp"})
+  config.model = ml_collections.ConfigDict({"ops_impl": "jnp", "image_size": IMAGE_SIZE})
   config.loss = ml_collections.ConfigDict()
   config.data = ml_collections.ConfigDict({"source": "standin", "root": root})
   config.batch_size = 8

@@ -1,0 +1,76 @@
+"""Inference: image loading and masking, PLY round trip, predicting a folder from a trained (stand-in) run."""
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+import standins
+from dpcr_jax import predict, train, visualize
+
+
+def _write_png(path, array):
+  Image.fromarray(array).save(path)
+  return str(path)
+
+
+def test_load_image_masks_pads_and_resizes(tmp_path):
+  image = np.full((20, 40, 3), 200, np.uint8)  # wide: padded top and bottom
+  mask = np.zeros((20, 40), np.uint8)
+  mask[:, 20:] = 255
+  out = predict.load_image(_write_png(tmp_path / "i.png", image), 40, _write_png(tmp_path / "m.png", mask))
+  assert out.shape == (40, 40, 3) and out.dtype == np.float32
+  assert out[:10].max() == 0 and out[30:].max() == 0  # padding is black
+  np.testing.assert_allclose(out[20, 30], 200 / 255, atol=1 / 255)  # inside the mask: kept
+  assert out[20, 5].max() == 0  # outside the mask: blacked out
+  with pytest.raises(ValueError, match="mask"):
+    predict.load_image(str(tmp_path / "i.png"), 40, _write_png(tmp_path / "small.png", mask[:5]))
+
+
+def test_ply_round_trip(tmp_path):
+  pts = np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32)
+  predict.write_ply(str(tmp_path / "a.ply"), pts)
+  np.testing.assert_array_equal(predict.read_ply(str(tmp_path / "a.ply")), pts)
+
+
+def test_render_points():
+  pts = np.random.default_rng(0).normal(size=(500, 3))
+  image = visualize.render_points(pts, image_size=64)
+  assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+  assert (image < 255).any(axis=-1).mean() > 0.1  # points were drawn
+  assert (image[0, 0] == 255).all()  # background corner
+  with pytest.raises(ValueError, match=r"\[N, 3\]"):
+    visualize.render_points(np.zeros((5, 2)))
+
+
+def test_predict_folder_from_a_trained_run(tmp_path, monkeypatch):
+  standins.patch_training(monkeypatch.setattr)
+  import dpcr_jax.models  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(dpcr_jax.models, "build_model", standins.build_model)
+  config = standins.tiny_config("finetune", str(tmp_path))
+  config.num_train_steps, config.checkpoint_every = 2, 2
+  run = str(tmp_path / "run")
+  train.train_and_evaluate(config, run)
+
+  rng = np.random.default_rng(0)
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for name in ("a", "b", "c"):
+    _write_png(folder / f"{name}.png", rng.integers(0, 255, size=(16, 12, 3), dtype=np.uint8))
+  predictor = predict.Predictor(run)
+  paths = predict.expand_paths(str(folder))
+  written = predict.predict_files(predictor, paths, str(tmp_path / "out"), batch_size=2)
+  assert [os.path.basename(w["ply"]) for w in written] == ["a.ply", "b.ply", "c.ply"]
+  for w in written:
+    cloud = np.load(w["npy"])
+    assert cloud.shape == (standins.N_SPARSE * 4, 3)
+    np.testing.assert_array_equal(predict.read_ply(w["ply"]), cloud)
+    assert os.path.getsize(w["png"]) > 500
+  # Same predictions with another batch size (padding does not change results).
+  again = predict.predict_files(predictor, paths, str(tmp_path / "out2"), batch_size=4)
+  for w, v in zip(written, again):
+    np.testing.assert_allclose(np.load(w["npy"]), np.load(v["npy"]), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="images must be"):
+    predictor(np.zeros((1, 5, 5, 3), np.float32))
+  with pytest.raises(ValueError, match="no config.json"):
+    predict.Predictor(str(tmp_path))
