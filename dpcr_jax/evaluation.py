@@ -114,7 +114,7 @@ def aggregate(records: dict[str, np.ndarray], categories: np.ndarray, names: lis
     for metric, values in records.items():
       vals = values[sel][~np.isnan(values[sel])]
       row[metric] = float(vals.mean()) if len(vals) else float("nan")
-    table[names[c]] = row
+    table[names[c] if 0 <= c < len(names) else "other"] = row  # PSGN labels models outside the 13 as -1
   table["mean"] = {"count": int(len(categories))}
   for metric in records:
     vals = [row[metric] for row in table.values() if metric in row and not np.isnan(row[metric])]

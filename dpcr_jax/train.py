@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging as std_logging
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -183,6 +184,19 @@ def _stage_loss(compute_loss, stage, loss_config, ops_impl, outputs, batch, para
 
 # ----------------------------------------------------------------------------------------------------------
 # Logging.
+
+
+class _LibraryInfoFilter:
+  """Drops INFO records of noisy libraries (Orbax logs several lines per checkpoint) from absl's handler."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > std_logging.INFO or not any(
+        part in record.pathname for part in ("/orbax/", "/jax/_src/xla_bridge"))
+
+
+def quiet_library_logs() -> None:
+  """Keeps the console readable in launch scripts: our INFO lines, and only warnings from Orbax and JAX."""
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
 class MetricWriter:

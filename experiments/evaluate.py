@@ -8,7 +8,7 @@ the per-(category, view) oracle medoid. See dpcr_jax/evaluation.py for the exact
 from absl import app
 from absl import flags
 
-from dpcr_jax import evaluation
+from dpcr_jax import evaluation, train
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory (workdir) of a finetune run.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output prefix: writes <output>.csv and <output>.md.")
@@ -24,6 +24,7 @@ flags.mark_flags_as_required(["checkpoint", "output"])
 
 def main(argv):
   del argv
+  train.quiet_library_logs()
   result = evaluation.evaluate_run(_CHECKPOINT.value, _OUTPUT.value, split=_SPLIT.value,
                                    data_root=_DATA_ROOT.value, baselines=_BASELINES.value,
                                    emd_examples_per_category=_EMD_PER_CAT.value,

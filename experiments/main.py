@@ -76,6 +76,7 @@ def qualitative(run_dir: str, config, out_dir: str, per_category: int = 1) -> No
 
 def main(argv):
   del argv
+  train.quiet_library_logs()
   if _CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _CACHE.value)
   workdir = os.path.abspath(_WORKDIR.value)

@@ -10,7 +10,7 @@ does for Pix3D).
 from absl import app
 from absl import flags
 
-from dpcr_jax import predict
+from dpcr_jax import predict, train
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory (workdir) of a finetune or sparse run.")
 _IMAGES = flags.DEFINE_string("images", None, "Image file, folder or glob.")
@@ -22,6 +22,7 @@ flags.mark_flags_as_required(["checkpoint", "images", "output"])
 
 def main(argv):
   del argv
+  train.quiet_library_logs()
   images = predict.expand_paths(_IMAGES.value)
   masks = predict.expand_paths(_MASKS.value) if _MASKS.value else None
   predictor = predict.Predictor(_CHECKPOINT.value)

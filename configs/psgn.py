@@ -1,0 +1,29 @@
+"""The quickstart model trained on real ShapeNet renders: the PSGN batches in ../shared/data/psgn-shapenet.
+
+  python -m experiments.train --config configs/psgn.py:sparse --workdir runs/psgn/sparse
+  python -m experiments.train --config configs/psgn.py:dense --workdir runs/psgn/dense
+  python -m experiments.train --config configs/psgn.py:finetune --workdir runs/psgn/finetune \
+      --config.init.sparse_checkpoint=runs/psgn/sparse --config.init.dense_checkpoint=runs/psgn/dense
+  python -m experiments.evaluate --checkpoint runs/psgn/finetune --output runs/psgn/results --split val
+
+768 training samples (24 batch files), validation = the 32 samples of batch 15. Images are 192 x 256 on a
+grey background, masked to black with the depth map and padded/resized to 128 x 128; the ground truth is in
+each image's view frame (not the AttentionDPCR camera frame), so the medoid baselines group all samples as
+one 'view' (-1). Run from the repository root (data.root is relative to it). The argument after ':' picks the
+stage (sparse, dense or finetune); model and optimiser settings are those of configs/quickstart.py.
+"""
+from configs import quickstart
+
+NUM_STEPS = {"sparse": 2000, "dense": 1000, "finetune": 1000}
+
+
+def get_config(stage: str = "sparse"):
+  config = quickstart.get_config(stage)
+  config.data.source = "psgn"
+  config.data.root = "../shared/data/psgn-shapenet"
+  config.eval_split = "val"
+  config.num_train_steps = NUM_STEPS[stage]
+  config.eval_every = 500
+  config.eval_batches = -1  # the whole validation batch file (32 samples)
+  config.checkpoint_every = 250
+  return config
