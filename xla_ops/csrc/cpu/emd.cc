@@ -2,7 +2,7 @@
 // metric/tf_approxmatch_g.cu), match_cost and match_cost_grad. float32 throughout, like the GPU kernel.
 //
 // Parallelism and determinism: approx_match is 10 rounds of 3 passes (ratioL over xyz1, ratioR over xyz2,
-// match/remainL over xyz1); each pass is split into fixed blocks of kBlock points of one batch item, run on
+// match/remainL over xyz1); each pass is split into fixed blocks of kMatchBlock points of one batch item, run on
 // XLA's intra-op pool *and* the calling thread, with a barrier between passes. Every output element is
 // computed by exactly one thread, summing in index order, so results do not depend on the thread count.
 // Memory: O(B * (n + m)) besides the [B, m, n] output.
@@ -38,7 +38,8 @@ namespace {
 constexpr const char* kMatchOp = "xla_ops_approx_match";
 constexpr const char* kCostOp = "xla_ops_match_cost";
 constexpr const char* kCostGradOp = "xla_ops_match_cost_grad";
-constexpr int64_t kBlock = 256;  // points per work item (fixed: independent of the thread count)
+constexpr int64_t kBlock = 256;      // points per match_cost work item (fixed: independent of the thread count)
+constexpr int64_t kMatchBlock = 128; // points per approx_match work item (small: finer culling, see OutOfReach)
 constexpr int kRounds = 10;      // j = 7, 6, ..., -2
 
 // Runs fn(item) for every item in [0, count) on the pool and on the calling thread, and returns when all
@@ -124,7 +125,17 @@ class FlushDenormals {
 
 inline float Min(float a, float b) { return b < a ? b : a; }
 inline float Max(float a, float b) { return a < b ? b : a; }
-inline float Sqrt(float x) { return __builtin_sqrtf(x); }
+
+// 1/sqrt(x) for x >= 0 without libm (std::sqrt sets errno, which keeps GCC from vectorising it even under the
+// no-math-errno pragma): bit-trick estimate and three Newton steps, a relative error of a few float ulp.
+// RSqrt(0) is a large finite number, so x * RSqrt(x) is 0 at x = 0.
+inline float RSqrt(float x) {
+  float y = BitCast<float>(0x5f375a86 - (BitCast<int32_t>(x) >> 1));
+  const float half_x = 0.5f * x;
+  y = y * (1.5f - half_x * y * y);
+  y = y * (1.5f - half_x * y * y);
+  return y * (1.5f - half_x * y * y);
+}
 
 inline float SqDist(float x1, float y1, float z1, float x2, float y2, float z2) {
   const float dx = x2 - x1, dy = y2 - y1, dz = z2 - z1;
@@ -143,7 +154,90 @@ struct Soa {
   }
 };
 
+// Orders the points of one cloud along a Morton (Z-order) curve of their bounding box, so that blocks of
+// consecutive sorted points are spatially compact. Returns sorted position -> original index.
+std::vector<int32_t> MortonOrder(const float* xyz, int64_t count) {
+  float lo[3], hi[3];
+  for (int c = 0; c < 3; ++c) lo[c] = hi[c] = xyz[c];
+  for (int64_t i = 0; i < count; ++i)
+    for (int c = 0; c < 3; ++c) lo[c] = std::min(lo[c], xyz[3 * i + c]), hi[c] = std::max(hi[c], xyz[3 * i + c]);
+  auto spread = [](uint32_t v) {  // 10 bits -> every third bit of 30
+    v = (v | (v << 16)) & 0x030000FFu;
+    v = (v | (v << 8)) & 0x0300F00Fu;
+    v = (v | (v << 4)) & 0x030C30C3u;
+    return (v | (v << 2)) & 0x09249249u;
+  };
+  std::vector<uint64_t> keys(count);
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t code = 0;
+    for (int c = 0; c < 3; ++c) {
+      const float extent = hi[c] - lo[c];
+      const float t = extent > 0.0f ? (xyz[3 * i + c] - lo[c]) / extent : 0.0f;
+      code |= spread(static_cast<uint32_t>(std::min(1023.0f, std::max(0.0f, t * 1024.0f)))) << c;
+    }
+    keys[i] = (static_cast<uint64_t>(code) << 32) | static_cast<uint64_t>(i);  // unique: deterministic order
+  }
+  std::sort(keys.begin(), keys.end());
+  std::vector<int32_t> order(count);
+  for (int64_t i = 0; i < count; ++i) order[i] = static_cast<int32_t>(keys[i] & 0xFFFFFFFFu);
+  return order;
+}
+
+// Rewrites one example's match, computed with rows/columns in sorted order, into the original order in
+// place (O(n + m) extra memory): row lp, column kp go to row order2[lp], column order1[kp].
+void UnsortColumns(float* row, const int32_t* order1, int64_t n) {
+  std::vector<float> tmp(n);
+  for (int64_t k = 0; k < n; ++k) tmp[order1[k]] = row[k];
+  std::copy(tmp.begin(), tmp.end(), row);
+}
+
+void UnsortRows(float* match, const int32_t* order2, int64_t m, int64_t n) {
+  std::vector<int32_t> sorted_pos(m);
+  for (int64_t l = 0; l < m; ++l) sorted_pos[order2[l]] = static_cast<int32_t>(l);
+  std::vector<char> placed(m, 0);
+  std::vector<float> tmp(n);
+  for (int64_t start = 0; start < m; ++start) {  // follow each permutation cycle once
+    if (placed[start]) continue;
+    std::copy(match + start * n, match + (start + 1) * n, tmp.begin());
+    for (int64_t p = start;;) {
+      placed[p] = 1;
+      const int64_t q = sorted_pos[p];  // the sorted row that belongs at original row p
+      if (q == start) {
+        std::copy(tmp.begin(), tmp.end(), match + p * n);
+        break;
+      }
+      std::copy(match + q * n, match + (q + 1) * n, match + p * n);
+      p = q;
+    }
+  }
+}
+
 // ---- approx_match passes (one block of points of one batch item each) ----------------------------------
+// Culling: exp(level * d^2) is exactly 0 (ExpNonPositive flushes below -87) for every pair of a point and a
+// block when level * (squared distance to the block's bounding box) < -88 (1% margin for rounding), so such
+// pairs are skipped without changing any result. Blocks of sorted points are compact, so in the sharp early
+// rounds most pairs are skipped.
+struct Box {
+  float lo[3], hi[3];
+};
+
+inline Box BoundingBox(const float* x, const float* y, const float* z, int64_t count) {
+  Box b{{x[0], y[0], z[0]}, {x[0], y[0], z[0]}};
+  for (int64_t i = 1; i < count; ++i) {
+    b.lo[0] = Min(b.lo[0], x[i]), b.hi[0] = Max(b.hi[0], x[i]);
+    b.lo[1] = Min(b.lo[1], y[i]), b.hi[1] = Max(b.hi[1], y[i]);
+    b.lo[2] = Min(b.lo[2], z[i]), b.hi[2] = Max(b.hi[2], z[i]);
+  }
+  return b;
+}
+
+inline bool OutOfReach(const Box& b, float x, float y, float z, float level) {
+  const float dx = Max(Max(b.lo[0] - x, x - b.hi[0]), 0.0f);
+  const float dy = Max(Max(b.lo[1] - y, y - b.hi[1]), 0.0f);
+  const float dz = Max(Max(b.lo[2] - z, z - b.hi[2]), 0.0f);
+  return level * (dx * dx + dy * dy + dz * dz) < -88.0f;
+}
+
 // Pass 1: ratio_l[k] = remain_l[k] / (1e-9 + sum_l exp(level d_kl) remain_r[l]) for the block's k. Points
 // with remain_l == 0 get ratio 0 without the sum, and rows with remain_r == 0 add exactly 0, so both are
 // skipped (the inputs are finite).
@@ -152,8 +246,8 @@ void RatioLeft(const float* px, const float* py, const float* pz, int64_t count,
                const float* qy, const float* qz, const float* remain_r, int64_t m, float level,
                const float* remain_l, float* ratio_l) {
   FlushDenormals ftz;
-  float acc[kBlock], x1[kBlock], y1[kBlock], z1[kBlock];
-  int64_t slot[kBlock];
+  float acc[kMatchBlock], x1[kMatchBlock], y1[kMatchBlock], z1[kMatchBlock];
+  int64_t slot[kMatchBlock];
   int64_t active = 0;
   for (int64_t k = 0; k < count; ++k) {
     ratio_l[k] = 0.0f;
@@ -162,10 +256,11 @@ void RatioLeft(const float* px, const float* py, const float* pz, int64_t count,
     acc[active++] = 1e-9f;
   }
   if (active == 0) return;
+  const Box box = BoundingBox(x1, y1, z1, active);
   for (int64_t l = 0; l < m; ++l) {
     const float r = remain_r[l];
-    if (r == 0.0f) continue;
     const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
+    if (r == 0.0f || OutOfReach(box, x2, y2, z2, level)) continue;
     for (int64_t k = 0; k < active; ++k)
       acc[k] += ExpNonPositive(level * SqDist(x1[k], y1[k], z1[k], x2, y2, z2)) * r;
   }
@@ -180,8 +275,8 @@ void RatioRight(const float* qx, const float* qy, const float* qz, int64_t count
                 const float* py, const float* pz, const float* ratio_l, int64_t n, float level,
                 float* remain_r, float* ratio_r) {
   FlushDenormals ftz;
-  float acc[kBlock], x2[kBlock], y2[kBlock], z2[kBlock];
-  int64_t slot[kBlock];
+  float acc[kMatchBlock], x2[kMatchBlock], y2[kMatchBlock], z2[kMatchBlock];
+  int64_t slot[kMatchBlock];
   int64_t active = 0;
   for (int64_t l = 0; l < count; ++l) {
     ratio_r[l] = 0.0f;
@@ -190,10 +285,11 @@ void RatioRight(const float* qx, const float* qy, const float* qz, int64_t count
     acc[active++] = 0.0f;
   }
   if (active == 0) return;
+  const Box box = BoundingBox(x2, y2, z2, active);
   for (int64_t k = 0; k < n; ++k) {
     const float rl = ratio_l[k];
-    if (rl == 0.0f) continue;
     const float x1 = px[k], y1 = py[k], z1 = pz[k];
+    if (rl == 0.0f || OutOfReach(box, x1, y1, z1, level)) continue;
     for (int64_t l = 0; l < active; ++l)
       acc[l] += ExpNonPositive(level * SqDist(x1, y1, z1, x2[l], y2[l], z2[l])) * rl;
   }
@@ -213,12 +309,13 @@ void UpdateMatch(const float* px, const float* py, const float* pz, int64_t coun
                  const float* qy, const float* qz, const float* ratio_r, int64_t m, float level,
                  const float* ratio_l, float* remain_l, float* match, int64_t n) {
   FlushDenormals ftz;
-  float acc[kBlock];
+  float acc[kMatchBlock];
   for (int64_t k = 0; k < count; ++k) acc[k] = 0.0f;
+  const Box box = BoundingBox(px, py, pz, count);
   for (int64_t l = 0; l < m; ++l) {
     const float rr = ratio_r[l];
-    if (rr == 0.0f) continue;
     const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
+    if (rr == 0.0f || OutOfReach(box, x2, y2, z2, level)) continue;
     float* row = match + l * n;
     for (int64_t k = 0; k < count; ++k) {
       const float w = ExpNonPositive(level * SqDist(px[k], py[k], pz[k], x2, y2, z2)) * ratio_l[k] * rr;
@@ -259,13 +356,28 @@ ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBu
   PointShape s1, s2;
   if (auto err = CheckPair(kMatchOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
   const int64_t nb = s1.b, n = s1.n, m = s2.n;
-  if (match->element_type() != ffi::F32 || match->element_count() != nb * m * n)
+  if (match->element_type() != ffi::F32 || static_cast<int64_t>(match->element_count()) != nb * m * n)
     return InvalidArgument(kMatchOp, "match must be float32 [..., m, n]");
   const float* p1 = xyz1.typed_data<float>();
   const float* p2 = xyz2.typed_data<float>();
   float* out = match->typed_data<float>();
 
-  const Soa a(p1, nb * n), b(p2, nb * m);
+  // Points sorted along a Morton curve per example (see OutOfReach); match is computed in that order and
+  // put back into the original order at the end.
+  std::vector<int32_t> order1(nb * n), order2(nb * m);
+  std::vector<float> sorted1(nb * n * 3), sorted2(nb * m * 3);
+  auto sort_cloud = [](const float* xyz, int64_t count, int32_t* order, float* sorted) {
+    const std::vector<int32_t> o = MortonOrder(xyz, count);
+    for (int64_t i = 0; i < count; ++i) {
+      order[i] = o[i];
+      for (int c = 0; c < 3; ++c) sorted[3 * i + c] = xyz[3 * o[i] + c];
+    }
+  };
+  for (int64_t i = 0; i < nb; ++i) {
+    sort_cloud(p1 + i * n * 3, n, &order1[i * n], &sorted1[i * n * 3]);
+    sort_cloud(p2 + i * m * 3, m, &order2[i * m], &sorted2[i * m * 3]);
+  }
+  const Soa a(sorted1.data(), nb * n), b(sorted2.data(), nb * m);
   const float mass_l = n >= m ? 1.0f : static_cast<float>(m / n);
   const float mass_r = n >= m ? static_cast<float>(n / m) : 1.0f;
   std::vector<float> remain_l(nb * n, mass_l), ratio_l(nb * n), remain_r(nb * m, mass_r), ratio_r(nb * m);
@@ -273,24 +385,24 @@ ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBu
   for (int64_t i = 0; i < nb; ++i)
     finite[i] = AllFinite(p1 + i * n * 3, n * 3) && AllFinite(p2 + i * m * 3, m * 3);
 
-  const int64_t blocks_l = NumBlocks(n), blocks_r = NumBlocks(m);
+  const int64_t blocks_l = (n + kMatchBlock - 1) / kMatchBlock, blocks_r = (m + kMatchBlock - 1) / kMatchBlock;
   auto level_of = [](int round) {
     return round == kRounds - 1 ? 0.0f : -std::pow(4.0f, static_cast<float>(7 - round));
   };
   // The three passes of one round for one block of batch item i.
   auto ratio_left = [&](int64_t i, int64_t block, float level) {
-    const int64_t k0 = block * kBlock, o1 = i * n + k0, o2 = i * m;
-    RatioLeft(&a.x[o1], &a.y[o1], &a.z[o1], std::min(kBlock, n - k0), &b.x[o2], &b.y[o2], &b.z[o2],
+    const int64_t k0 = block * kMatchBlock, o1 = i * n + k0, o2 = i * m;
+    RatioLeft(&a.x[o1], &a.y[o1], &a.z[o1], std::min(kMatchBlock, n - k0), &b.x[o2], &b.y[o2], &b.z[o2],
               &remain_r[o2], m, level, &remain_l[o1], &ratio_l[o1]);
   };
   auto ratio_right = [&](int64_t i, int64_t block, float level) {
-    const int64_t l0 = block * kBlock, o2 = i * m + l0, o1 = i * n;
-    RatioRight(&b.x[o2], &b.y[o2], &b.z[o2], std::min(kBlock, m - l0), &a.x[o1], &a.y[o1], &a.z[o1],
+    const int64_t l0 = block * kMatchBlock, o2 = i * m + l0, o1 = i * n;
+    RatioRight(&b.x[o2], &b.y[o2], &b.z[o2], std::min(kMatchBlock, m - l0), &a.x[o1], &a.y[o1], &a.z[o1],
                &ratio_l[o1], n, level, &remain_r[o2], &ratio_r[o2]);
   };
   auto update_match = [&](int64_t i, int64_t block, float level) {
-    const int64_t k0 = block * kBlock, o1 = i * n + k0, o2 = i * m;
-    UpdateMatch(&a.x[o1], &a.y[o1], &a.z[o1], std::min(kBlock, n - k0), &b.x[o2], &b.y[o2], &b.z[o2],
+    const int64_t k0 = block * kMatchBlock, o1 = i * n + k0, o2 = i * m;
+    UpdateMatch(&a.x[o1], &a.y[o1], &a.z[o1], std::min(kMatchBlock, n - k0), &b.x[o2], &b.y[o2], &b.z[o2],
                 &ratio_r[o2], m, level, &ratio_l[o1], &remain_l[o1], out + i * m * n + k0, n);
   };
   auto init_item = [&](int64_t i) {  // zeros, or NaN for an example with a non-finite coordinate
@@ -311,6 +423,8 @@ ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBu
         for (int64_t blk = 0; blk < blocks_r; ++blk) ratio_right(i, blk, level);
         for (int64_t blk = 0; blk < blocks_l; ++blk) update_match(i, blk, level);
       }
+      for (int64_t l = 0; l < m; ++l) UnsortColumns(out + (i * m + l) * n, &order1[i * n], n);
+      UnsortRows(out + i * m * n, &order2[i * m], m, n);
     });
     return ffi::Error::Success();
   }
@@ -327,6 +441,12 @@ ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBu
       if (finite[item / blocks_l]) update_match(item / blocks_l, item % blocks_l, level);
     });
   }
+  RunParallel(pool, nb * m, [&](int64_t row) {
+    if (finite[row / m]) UnsortColumns(out + row * n, &order1[(row / m) * n], n);
+  });
+  RunParallel(pool, nb, [&](int64_t i) {
+    if (finite[i]) UnsortRows(out + i * m * n, &order2[i * m], m, n);
+  });
   return ffi::Error::Success();
 }
 
@@ -343,11 +463,14 @@ void CostColumns(const float* px, const float* py, const float* pz, int64_t coun
     const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
     const float* row = match + l * n;
     if (grad1 == nullptr) {
-      for (int64_t k = 0; k < count; ++k) acc[k] += row[k] * Sqrt(SqDist(px[k], py[k], pz[k], x2, y2, z2));
+      for (int64_t k = 0; k < count; ++k) {
+        const float d2 = SqDist(px[k], py[k], pz[k], x2, y2, z2);
+        acc[k] += row[k] * (d2 * RSqrt(d2));
+      }
     } else {
       for (int64_t k = 0; k < count; ++k) {
         const float dx = px[k] - x2, dy = py[k] - y2, dz = pz[k] - z2;
-        const float g = row[k] / Max(Sqrt(dx * dx + dy * dy + dz * dz), 1e-10f);
+        const float g = row[k] * RSqrt(Max(dx * dx + dy * dy + dz * dz, 1e-20f));
         gx[k] += g * dx;
         gy[k] += g * dy;
         gz[k] += g * dz;
@@ -379,7 +502,7 @@ void GradRows(const float* qx, const float* qy, const float* qz, int64_t count, 
     for (; k0 + kLanes <= n; k0 += kLanes) {
       for (int j = 0; j < kLanes; ++j) {
         const float dx = x2 - px[k0 + j], dy = y2 - py[k0 + j], dz = z2 - pz[k0 + j];
-        const float g = row[k0 + j] / Max(Sqrt(dx * dx + dy * dy + dz * dz), 1e-10f);
+        const float g = row[k0 + j] * RSqrt(Max(dx * dx + dy * dy + dz * dz, 1e-20f));
         gx[j] += g * dx;
         gy[j] += g * dy;
         gz[j] += g * dz;
@@ -387,7 +510,7 @@ void GradRows(const float* qx, const float* qy, const float* qz, int64_t count, 
     }
     for (int j = 0; k0 + j < n; ++j) {
       const float dx = x2 - px[k0 + j], dy = y2 - py[k0 + j], dz = z2 - pz[k0 + j];
-      const float g = row[k0 + j] / Max(Sqrt(dx * dx + dy * dy + dz * dz), 1e-10f);
+      const float g = row[k0 + j] * RSqrt(Max(dx * dx + dy * dy + dz * dz, 1e-20f));
       gx[j] += g * dx;
       gy[j] += g * dy;
       gz[j] += g * dz;
@@ -419,7 +542,7 @@ ffi::Error MatchCostImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuff
   if (auto err = CheckPair(kCostOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
   if (auto err = CheckMatch(kCostOp, match, s1, s2); err.failure()) return err;
   const int64_t nb = s1.b, n = s1.n, m = s2.n;
-  if (cost->element_type() != ffi::F32 || cost->element_count() != nb)
+  if (cost->element_type() != ffi::F32 || static_cast<int64_t>(cost->element_count()) != nb)
     return InvalidArgument(kCostOp, "cost must be float32 [...]");
   const Soa a(xyz1.typed_data<float>(), nb * n), b(xyz2.typed_data<float>(), nb * m);
   const float* mt = match.typed_data<float>();
@@ -447,8 +570,8 @@ ffi::Error MatchCostGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::Any
   if (auto err = CheckPair(kCostGradOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
   if (auto err = CheckMatch(kCostGradOp, match, s1, s2); err.failure()) return err;
   const int64_t nb = s1.b, n = s1.n, m = s2.n;
-  if (grad1->element_type() != ffi::F32 || grad1->element_count() != nb * n * 3 ||
-      grad2->element_type() != ffi::F32 || grad2->element_count() != nb * m * 3)
+  if (grad1->element_type() != ffi::F32 || static_cast<int64_t>(grad1->element_count()) != nb * n * 3 ||
+      grad2->element_type() != ffi::F32 || static_cast<int64_t>(grad2->element_count()) != nb * m * 3)
     return InvalidArgument(kCostGradOp, "grad1/grad2 must be float32 [..., n, 3] / [..., m, 3]");
   const Soa a(xyz1.typed_data<float>(), nb * n), b(xyz2.typed_data<float>(), nb * m);
   const float* mt = match.typed_data<float>();

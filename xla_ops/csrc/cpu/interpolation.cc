@@ -39,7 +39,7 @@ ffi::Future ThreeNnImpl(ffi::ThreadPool pool, ffi::AnyBuffer unknown, ffi::AnyBu
     return Fail(InvalidArgument(kNnOp, "batch mismatch: unknown has " + std::to_string(su->b) +
                                            ", known has " + std::to_string(sk->b)));
   if (sk->n < 1) return Fail(InvalidArgument(kNnOp, "known needs at least one point"));
-  if (dist->element_count() != su->b * su->n * 3 || idx->element_count() != su->b * su->n * 3)
+  if (static_cast<int64_t>(dist->element_count()) != su->b * su->n * 3 || static_cast<int64_t>(idx->element_count()) != su->b * su->n * 3)
     return Fail(InvalidArgument(kNnOp, "output sizes do not match [..., n, 3]"));
   const int64_t n = su->n, m = sk->n;
   const float* pu = unknown.typed_data<float>();
@@ -104,7 +104,7 @@ ffi::Future ThreeInterpolateImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, 
   int64_t n = 0;
   if (auto err = CheckIndexAndWeight(kInterpOp, idx, weight, sf->b, sf->n, &n); err.failure()) return Fail(err);
   const int64_t m = sf->n, c = sf->c;
-  if (out->element_type() != ffi::F32 || out->element_count() != sf->b * n * c)
+  if (out->element_type() != ffi::F32 || static_cast<int64_t>(out->element_count()) != sf->b * n * c)
     return Fail(InvalidArgument(kInterpOp, "out must be float32 [..., n, C]"));
   const float* pf = features.typed_data<float>();
   const int32_t* pi = idx.typed_data<int32_t>();
@@ -134,7 +134,7 @@ ffi::Future ThreeInterpolateGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_o
   if (auto err = CheckIndexAndWeight(kGradOp, idx, weight, sg->b, npoints, &n); err.failure()) return Fail(err);
   if (n != sg->n) return Fail(InvalidArgument(kGradOp, "grad_out and idx have different n"));
   const int64_t c = sg->c, m = npoints;
-  if (grad_features->element_type() != ffi::F32 || grad_features->element_count() != sg->b * m * c)
+  if (grad_features->element_type() != ffi::F32 || static_cast<int64_t>(grad_features->element_count()) != sg->b * m * c)
     return Fail(InvalidArgument(kGradOp, "grad_features must be float32 [..., npoints, C]"));
   const float* pg = grad_out.typed_data<float>();
   const int32_t* pi = idx.typed_data<int32_t>();
