@@ -24,6 +24,19 @@ def test_matches_reference(impl, batch, n, npoint):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_clusters_and_grid_ties_match_reference(impl):
+  """Many blocks of the pruned CPU pass: far-apart clusters, and a shuffled integer grid full of exact ties."""
+  rng = np.random.default_rng(9)
+  centers = rng.random((6, 3)) * 100
+  clusters = (centers[rng.integers(0, 6, 1500)] + rng.standard_normal((1500, 3))).astype(np.float32)
+  grid = np.stack(np.meshgrid(*[np.arange(12)] * 3, indexing="ij"), -1).reshape(-1, 3).astype(np.float32)
+  grid = grid[rng.permutation(len(grid))][:1500]
+  xyz = np.stack([clusters, grid])
+  got = jax.jit(lambda x: farthest_point_sample(x, 300, impl=impl))(xyz)
+  np.testing.assert_array_equal(np.asarray(got), ref.farthest_point_sample(xyz, 300))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_first_pick_is_zero_and_picks_are_distinct(impl):
   xyz = _points(1, (4, 200, 3))
   idx = np.asarray(farthest_point_sample(xyz, 200, impl=impl))
@@ -52,14 +65,17 @@ def test_ties_go_to_the_lowest_index(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_nan_points_give_defined_output(impl):
-  xyz = _points(3, (2, 40, 3))
+def test_non_finite_points_give_defined_output(impl):
+  xyz = _points(3, (3, 150, 3))
   xyz[0, 5] = np.nan
-  xyz[1, 0] = np.nan  # the first pick itself
+  xyz[1, 0] = np.nan  # the first pick itself: nothing is ever updated, every pick is 0
+  xyz[2, 70] = np.inf
+  xyz[2, 90, 1] = -np.inf
   idx = np.asarray(farthest_point_sample(xyz, 12, impl=impl))
-  assert ((idx >= 0) & (idx < 40)).all()
+  assert ((idx >= 0) & (idx < 150)).all()
   np.testing.assert_array_equal(idx, ref.farthest_point_sample(xyz, 12))
-  assert 5 == idx[0, 1]  # a NaN point keeps distance +inf: picked right after index 0
+  assert idx[0, 1] == 5  # a NaN point keeps distance +inf: picked right after index 0
+  assert (idx[1] == 0).all()
 
 
 def test_vmap_and_batch_equivalence():
