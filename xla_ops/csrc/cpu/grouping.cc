@@ -13,6 +13,9 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 
@@ -183,7 +186,7 @@ constexpr int64_t kRefChunk = 256;  // refs per chunk (a multiple of 2 * kLanes)
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-inline f32x8 LoadF8(const float* p) {
+__attribute__((always_inline)) inline f32x8 LoadF8(const float* p) {
   f32x8 v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
@@ -276,6 +279,7 @@ struct Kernels {
 Kernels SelectKernels() {
   Kernels k;
 #if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2")) k.direct = DirectTileAvx2;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) k.expansion = ExpansionTileAvx2;
 #endif
@@ -348,18 +352,28 @@ template <typename Threshold, typename Visit>
 inline void ScanNotAbove(const float* keys, int64_t n, Threshold threshold, Visit visit) {
   float thr = threshold();
   for (int64_t j0 = 0; j0 < n; j0 += 8) {
-    f32x4 lo, hi;
-    __builtin_memcpy(&lo, keys + j0, sizeof(lo));
-    __builtin_memcpy(&hi, keys + j0 + 4, sizeof(hi));
-    const i32x4 above = (lo > thr) & (hi > thr);
-    if (above[0] & above[1] & above[2] & above[3]) continue;
     const int64_t lanes = std::min<int64_t>(8, n - j0);
+#if defined(__SSE2__)
+    const __m128 t = _mm_set1_ps(thr);
+    unsigned mask = _mm_movemask_ps(_mm_cmpngt_ps(_mm_loadu_ps(keys + j0), t)) |
+                    (_mm_movemask_ps(_mm_cmpngt_ps(_mm_loadu_ps(keys + j0 + 4), t)) << 4);
+    mask &= (1u << lanes) - 1;
+    while (mask != 0) {
+      const int l = __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (!(keys[j0 + l] > thr)) {  // the threshold may have dropped since the block test
+        visit(j0 + l);
+        thr = threshold();
+      }
+    }
+#else
     for (int64_t l = 0; l < lanes; ++l) {
       if (!(keys[j0 + l] > thr)) {
         visit(j0 + l);
         thr = threshold();
       }
     }
+#endif
   }
 }
 
