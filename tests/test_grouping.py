@@ -70,6 +70,14 @@ def test_ball_query_nan(impl):
   assert want_count[0] == 0 and 4 not in want_idx
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_queries(impl):
+  xyz = _points(0, (2, 10, 3))
+  idx, count = ball_query_jit(xyz, xyz[:, :0], 0.3, 4, impl=impl)
+  dist, nn = knn_jit(xyz[:, :0], xyz, 3, impl=impl)
+  assert idx.shape == (2, 0, 4) and count.shape == (2, 0) and dist.shape == nn.shape == (2, 0, 3)
+
+
 # ---- group_points -----------------------------------------------------------------------------------
 
 

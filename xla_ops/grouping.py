@@ -38,6 +38,10 @@ def _map_examples_and_queries(fn, queries: jax.Array, points: jax.Array) -> tupl
   queries of an example are processed ``_QUERY_CHUNK`` at a time (bounded memory for the jnp baselines).
   """
   batch = queries.shape[:-2]
+  if queries.shape[-2] == 0:  # lax.map cannot batch zero queries
+    outs = jax.eval_shape(fn, jax.ShapeDtypeStruct(queries.shape[-1:], queries.dtype),
+                          jax.ShapeDtypeStruct(points.shape[-2:], points.dtype))
+    return tuple(jnp.zeros(batch + (0,) + o.shape, o.dtype) for o in outs)
   q = queries.reshape((-1,) + queries.shape[-2:])
   p = points.reshape((-1,) + points.shape[-2:])
 
