@@ -170,10 +170,10 @@ ffi::Future GroupPointsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_out, f
 //  * otherwise filter-and-refine: approximate distances |q|^2 + |r|^2 - 2 q.r (ExpansionTile: one
 //    multiply-add per channel, 4 queries x 16 refs per step) have a float32 error below
 //    eps = (4C + 16) * 2^-24 * (|q|^2 + max |r|^2) (dot product and norms: gamma_C each, exact sum:
-//    gamma_{C+3}, with slack). A candidate whose approximate distance exceeds (current k-th exact distance)
-//    + eps cannot enter the top k; the others get their exact distance and are pushed. The result is
-//    exact; the filter only decides how many candidates are refined (all of them when the norms are huge
-//    or not finite).
+//    gamma_{C+3}, with slack). A candidate whose approximate distance exceeds (k-th exact distance so far)
+//    + eps, or (k-th approximate distance of the first chunk) + 2 eps, cannot enter the top k; the others
+//    of a chunk get their exact distances together and are pushed. The result is exact; the filter only
+//    decides how many candidates are refined (all of them when the norms are huge or not finite).
 // The scan compares 8 candidates at a time, so the common case (none can enter) costs one vector compare;
 // each query keeps a sorted top-k buffer (its output row) updated by insertion.
 
@@ -379,8 +379,13 @@ inline void ScanNotAbove(const float* keys, int64_t n, Threshold threshold, Visi
 
 // Per-task buffers of KnnQueries.
 struct KnnWorkspace {
-  std::vector<float> rt, rn, qpack, qn, keys;
+  std::vector<float> rt, rn, qpack, qn, keys, exact, seed_d;
+  std::vector<int32_t> cand, seed_i;
 };
+
+inline float NanAsInf(float x) { return std::isnan(x) ? std::numeric_limits<float>::infinity() : x; }
+// x (a double bounding float distances) rounded up to float.
+inline float RoundUp(double x) { return static_cast<float>(x * (1.0 + 1e-6)); }
 
 // The k nearest refs of queries [q_begin, q_end) of one example. q: [M, c] (the example's queries),
 // r: [n, c]; out_d / out_i: [M, k].
@@ -413,6 +418,7 @@ void KnnQueries(const Kernels& kernels, const float* q, const float* r, int64_t 
   }
   std::vector<TopK> top(nq);
   std::vector<double> eps(nq);
+  std::vector<float> seed(nq, std::numeric_limits<float>::infinity());
   const double eps_scale = (4.0 * c + 16.0) * std::ldexp(1.0, -24) * 1.05;
   for (int64_t t = 0; t < nq; ++t) {
     top[t] = TopK{out_d + (q_begin + t) * kk, out_i + (q_begin + t) * kk, kk};
@@ -420,6 +426,10 @@ void KnnQueries(const Kernels& kernels, const float* q, const float* r, int64_t 
     eps[t] = eps_scale * (static_cast<double>(ws.qn[t]) + max_rn);
   }
   ws.keys.resize(kQueryTile * kRefChunk);
+  ws.exact.resize(kRefChunk);
+  ws.cand.resize(kRefChunk);
+  ws.seed_d.resize(kk);
+  ws.seed_i.resize(kk);
 
   for (int64_t blk0 = 0; blk0 < nblk; blk0 += kRefChunk / kLanes) {
     const int64_t blk1 = std::min(nblk, blk0 + kRefChunk / kLanes);
@@ -443,11 +453,24 @@ void KnnQueries(const Kernels& kernels, const float* q, const float* r, int64_t 
           });
           continue;
         }
-        // Rounded up; +inf (refine every candidate) while the top k is not full or if a norm overflowed.
+        // Seed: with k approximate keys <= K (the k-th smallest of the first chunk), the k-th exact
+        // distance is <= K + eps, so no neighbour's key exceeds K + 2 eps (+inf if K is not finite).
         const double e = eps[t];
+        if (blk0 == 0 && count >= kk) {
+          TopK approx{ws.seed_d.data(), ws.seed_i.data(), kk};
+          approx.Reset();
+          ScanNotAbove(keys, count, [&] { return approx.Worst(); },
+                       [&](int64_t j) { approx.Push(NanAsInf(keys[j]), static_cast<int32_t>(j)); });
+          if (std::isfinite(approx.Worst())) seed[t] = RoundUp(approx.Worst() + 2.0 * e);
+        }
+        // Candidates of this chunk under the threshold at its start (seed, or current k-th + eps; +inf
+        // while neither is known or if a norm overflowed), refined together, pushed in index order.
+        const float thr = std::min(seed[t], RoundUp(tk.Worst() + e));
+        int64_t ncand = 0;
+        ScanNotAbove(keys, count, [&] { return thr; }, [&](int64_t j) { ws.cand[ncand++] = static_cast<int32_t>(j); });
         const float* qt = ws.qpack.data() + t * c;
-        ScanNotAbove(keys, count, [&] { return static_cast<float>((tk.Worst() + e) * (1.0 + 1e-6)); },
-                     [&](int64_t j) { tk.Push(ExactSqDist(qt, r + (j0 + j) * c, c), static_cast<int32_t>(j0 + j)); });
+        for (int64_t i = 0; i < ncand; ++i) ws.exact[i] = ExactSqDist(qt, r + (j0 + ws.cand[i]) * c, c);
+        for (int64_t i = 0; i < ncand; ++i) tk.Push(ws.exact[i], static_cast<int32_t>(j0 + ws.cand[i]));
       }
     }
   }
