@@ -6,8 +6,9 @@ custom call returns only the indices' winners; the distances are recomputed in j
 gradient (to both inputs) is exactly the original ``NnDistanceGrad`` and no ``N x M`` matrix is ever built.
 
 The CPU handler is exact (same float32 distances and tie rule as brute force): brute force for small
-clouds, otherwise a k-d tree per point set and batch item with branch-and-bound queries, O((N + M) log)
-per example on typical clouds and O(B * (N + M)) memory.
+clouds, otherwise a k-d tree per point set and batch item with branch-and-bound queries: about
+O((N + M) log(N + M)) time per example on typical clouds (O(N * M) in the worst case) and O(B * (N + M))
+memory.
 
 NaN/Inf (impl="ffi"): a NaN distance never wins a comparison and each search starts from (+inf, index 0),
 so a query with no finite candidate distance (a NaN/Inf coordinate in the query, or in every point of the
