@@ -10,7 +10,7 @@ import pytest
 
 from dpcr_jax.models import build_model, default_model_config
 from dpcr_jax.models import layers
-from dpcr_jax.models.dense import expand_with_grid, grid_codes
+from dpcr_jax.models.dense import DenseLevel, expand_with_grid, grid_codes
 from dpcr_jax.models.sparse import Decoder, decoder_kernels
 
 B = 2
@@ -27,6 +27,13 @@ def _abstract_batch(image_size=256, n_sparse=1024):
 
 def _abstract_init(model, batch):
   return jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)
+
+
+@functools.lru_cache(maxsize=None)
+def _paper_model(stage):
+  """(model, abstract variables) at paper size; traced once per test session."""
+  model = build_model(default_model_config(), stage)
+  return model, _abstract_init(model, _abstract_batch())
 
 
 def _tiny_config(**dense):
@@ -64,14 +71,12 @@ def _tiny_batch(seed=0, image_size=64, n_sparse=64):
 # --------------------------------------------------------------------------------------------- paper size
 
 def test_paper_parameter_counts_and_output_shapes():
-  config = default_model_config()
   expected = {"sparse": (32_472_131, {"sparse": (B, 1024, 3)}),
               "dense": (307_014, {"mid": (B, 4096, 3), "dense": (B, 16384, 3)}),
               "finetune": (32_779_145, {"sparse": (B, 1024, 3), "mid": (B, 4096, 3), "dense": (B, 16384, 3)})}
   variables = {}
   for stage, (count, shapes) in expected.items():
-    model = build_model(config, stage)
-    variables[stage] = _abstract_init(model, _abstract_batch())
+    model, variables[stage] = _paper_model(stage)
     assert _count(variables[stage]["params"]) == count, stage
     outputs = jax.eval_shape(lambda v, b, m=model: m.apply(v, b, train=True, mutable=["batch_stats"])[0],
                              variables[stage], _abstract_batch())
@@ -88,9 +93,7 @@ def test_paper_parameter_counts_and_output_shapes():
 
 def test_spec_shape_tables():
   """Intermediate feature maps of spec §1.2/§1.3 (256 input) and §2.4 (dense levels)."""
-  config = default_model_config()
-  model = build_model(config, "finetune")
-  abstract = _abstract_init(model, _abstract_batch())
+  model, abstract = _paper_model("finetune")
   _, state = jax.eval_shape(
       lambda v, b: model.apply(v, b, train=False, capture_intermediates=True, mutable=["intermediates"]),
       abstract, _abstract_batch())
@@ -191,6 +194,10 @@ def test_tf_same_conv_transpose_matches_reference(size, kernel, stride):
       z, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   _, vjp = jax.vjp(fwd, jnp.zeros((2, size * stride, size * stride, 4)))
   np.testing.assert_allclose(y, vjp(jnp.asarray(x))[0], rtol=1e-5, atol=1e-5)
+  # jax's 'SAME' for conv_transpose pads the same way (spec §11 feared a one-pixel shift).
+  plain = nn.ConvTranspose(4, (kernel, kernel), (stride, stride), padding="SAME", transpose_kernel=True)
+  np.testing.assert_allclose(plain.apply({"params": {"kernel": w, "bias": np.zeros(4, np.float32)}}, x), y,
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_initialisers():
@@ -248,6 +255,13 @@ def test_grid_codes_and_point_order():
 
 # --------------------------------------------------------------------------------------------- tiny models
 
+def _dense_level(config) -> DenseLevel:
+  """A standalone dense level configured as build_model(config, 'dense')'s levels."""
+  net = build_model(config, "dense")
+  return DenseLevel(net.local_feature, net.upsample, net.skip_weight, net.grid_scale, net.global_channels,
+                    net.decoder_channels, net.frozen_bn, net.ops_impl)
+
+
 def _tiny_dense(seed=0, **config_changes):
   config = _tiny_config()
   config.update({k: v for k, v in config_changes.items() if k != "dense"})
@@ -258,27 +272,34 @@ def _tiny_dense(seed=0, **config_changes):
 
 
 def test_tflearn_frozen_bn_flag_toggles_only_those_layers():
-  frozen_model, variables, batch = _tiny_dense()
-  real_model, _, _ = _tiny_dense(tflearn_frozen_bn=False)
-  real_abstract = _abstract_init(real_model, batch)
+  frozen_config, real_config = _tiny_config(), _tiny_config()
+  real_config.tflearn_frozen_bn = False
+  batch = _tiny_batch()
+  frozen_abstract = _abstract_init(build_model(frozen_config, "dense"), batch)
+  real_abstract = _abstract_init(build_model(real_config, "dense"), batch)
   # Same parameters; the real BN only adds EMA statistics to the tflearn layers (global and decoder).
   assert jax.tree.map(lambda x: x.shape, real_abstract["params"]) == \
-      jax.tree.map(lambda x: x.shape, variables["params"])
-  real_stats = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(real_abstract["batch_stats"])}
-  frozen_stats = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])}
+      jax.tree.map(lambda x: x.shape, frozen_abstract["params"])
+  paths = lambda tree: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}  # noqa: E731
+  frozen_stats, real_stats = paths(frozen_abstract["batch_stats"]), paths(real_abstract["batch_stats"])
   added = real_stats - frozen_stats
   assert frozen_stats < real_stats and added
   assert all(("'global'" in p or "'decoder'" in p) and "'bn_" in p for p in added)
-  # With untouched statistics (mean 0, var 1) the two agree at inference, as in the original...
-  real_variables = {"params": variables["params"],
-                    "batch_stats": _random_variables(real_abstract["batch_stats"])}
-  def run(model, variables, train):
-    return jax.jit(lambda v: model.apply(v, batch, train=train, mutable=["batch_stats"])[0]["dense"])(variables)
+  # Numerics on one level: with untouched statistics (mean 0, var 1) the two agree at inference, as in
+  # the original; in training only the real BN uses batch statistics.
+  points = batch["points_sparse"]
+  frozen_level, real_level = _dense_level(frozen_config), _dense_level(real_config)
+  abstract = lambda level: jax.eval_shape(functools.partial(level.init, train=False),  # noqa: E731
+                                          jax.random.key(0), points, None)
+  frozen_vars = _random_variables(abstract(frozen_level))
+  real_vars = {"params": frozen_vars["params"], "batch_stats": _random_variables(abstract(real_level)["batch_stats"])}
 
-  np.testing.assert_allclose(run(frozen_model, variables, False), run(real_model, real_variables, False),
+  def run(level, variables, train):
+    return jax.jit(lambda v: level.apply(v, points, None, train=train, mutable=["batch_stats"])[0][0])(variables)
+
+  np.testing.assert_allclose(run(frozen_level, frozen_vars, False), run(real_level, real_vars, False),
                              rtol=1e-5, atol=1e-5)
-  # ...and differ in training, where only the real BN uses batch statistics.
-  assert not np.allclose(run(frozen_model, variables, True), run(real_model, real_variables, True), atol=1e-3)
+  assert not np.allclose(run(frozen_level, frozen_vars, True), run(real_level, real_vars, True), atol=1e-3)
 
 
 def test_skip_connection_only_affects_later_levels():
@@ -292,16 +313,27 @@ def test_skip_connection_only_affects_later_levels():
 
 @pytest.mark.parametrize("variant", ["edgeconv", "pointnet2"])
 def test_ffi_and_jnp_backends_agree(variant):
-  dense = dict(variant=variant, pointnet2=dict(radii=(0.3, 0.6), nsample=8))
-  ffi_model, variables, batch = _tiny_dense(dense=dense, ops_impl="ffi")
-  jnp_model, _, _ = _tiny_dense(dense=dense, ops_impl="jnp")
-  out_ffi, stats_ffi = jax.jit(functools.partial(ffi_model.apply, train=True, mutable=["batch_stats"]))(
-      variables, batch)
-  out_jnp, stats_jnp = jax.jit(functools.partial(jnp_model.apply, train=True, mutable=["batch_stats"]))(
-      variables, batch)
-  for key in ("mid", "dense"):
-    np.testing.assert_allclose(out_ffi[key], out_jnp[key], rtol=1e-4, atol=1e-4)  # outputs are O(10)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), stats_ffi, stats_jnp)
+  """One dense level with a skip input (knn, group_points; FPS, ball_query, three_nn, three_interpolate,
+  inverse_distance_weights for pointnet2), same inputs and params. (Across two levels the backends'
+  float32 rounding differences would move level-2 inputs, and FPS / ball membership are discontinuous.)"""
+  config = _tiny_config(variant=variant, pointnet2=dict(radii=(0.3, 0.6), nsample=8))
+  rng = np.random.default_rng(0)
+  inputs = ((0.3 * rng.standard_normal((B, 64, 3))).astype(np.float32),
+            ((0.3 * rng.standard_normal((B, 16, 3))).astype(np.float32),
+             rng.standard_normal((B, 16, 323)).astype(np.float32)))
+  results = []
+  for impl in ("ffi", "jnp"):
+    config.ops_impl = impl
+    level = _dense_level(config)
+    if impl == "ffi":
+      variables = _random_variables(jax.eval_shape(functools.partial(level.init, train=False),
+                                                   jax.random.key(0), *inputs))
+    results.append(jax.jit(functools.partial(level.apply, train=True, mutable=["batch_stats"]))(variables, *inputs))
+  (ffi_points, ffi_feature), ffi_stats = results[0]
+  (jnp_points, jnp_feature), jnp_stats = results[1]
+  np.testing.assert_allclose(ffi_feature, jnp_feature, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ffi_points, jnp_points, rtol=1e-4, atol=1e-4)  # outputs are O(10)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), ffi_stats, jnp_stats)
 
 
 @pytest.mark.slow  # one jit of the whole pipeline's gradient: ~40 s of XLA compile on a 2-core CPU

@@ -103,7 +103,10 @@ def tf_conv_transpose(features: int, kernel_size: int, stride: int, name: str | 
 
   Maps [B, H, W, C] -> [B, H*stride, W*stride, features]. The kernel layout is [k, k, out, in] as TF's
   (flax ``transpose_kernel=True``: spatially flipped, in/out swapped), so tflearn's uniform_scaling
-  fan_in is k*k*out exactly as in the original. Plain ``padding='SAME'`` would be shifted by a pixel.
+  fan_in is k*k*out exactly as in the original. The padding is explicit so that the TF semantics are
+  visible and tested (tests/test_models.py checks it against a scatter reference of TF's op); jax's own
+  ``conv_transpose(padding='SAME')`` computes the same padding, so spec §11's one-pixel-shift worry does
+  not apply to it.
   """
   pad = tf_same_transpose_padding(kernel_size, stride)
   return nn.ConvTranspose(features, (kernel_size,) * 2, strides=(stride,) * 2, padding=(pad, pad),
