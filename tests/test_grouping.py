@@ -143,6 +143,7 @@ def _assert_knn_matches(query, refs, k, impl):
   assert idx.dtype == jnp.int32 and dist.shape == idx.shape == query.shape[:-1] + (k,)
   np.testing.assert_array_equal(np.asarray(idx), want_idx)
   np.testing.assert_allclose(np.asarray(dist), want_dist, rtol=2e-5, atol=1e-6)
+  assert (np.diff(np.asarray(dist), axis=-1) >= 0).all()  # the distances the ranking used
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -194,7 +195,14 @@ def test_knn_nan(impl, c):
   np.testing.assert_array_equal(np.asarray(idx), want_idx)
   np.testing.assert_array_equal(np.asarray(idx)[1], np.arange(30))
   assert (np.asarray(idx)[[0, 2, 3, 4, 5], -2:] == [2, 7]).all()  # NaN candidates rank last
-  assert np.isnan(np.asarray(dist)[1]).all() and np.isfinite(np.asarray(dist)[0, :-2]).all()
+  # NaN distances are reported as +inf, the others as in the reference.
+  np.testing.assert_allclose(np.asarray(dist), np.where(np.isnan(want_dist), np.inf, want_dist), rtol=2e-5)
+  assert np.isposinf(np.asarray(dist)[1]).all() and np.isposinf(np.asarray(dist)[0, -2:]).all()
+  # Their gradient is NaN; neighbourhoods without NaN points keep finite gradients.
+  grad = lambda sl: jax.grad(lambda q: jnp.sum(knn(q, refs, 30, impl=impl)[0][sl]))(query)
+  assert np.isnan(np.asarray(grad((0, -1)))[0]).any() and np.isnan(np.asarray(grad((1, 0)))[1]).any()
+  finite = jax.grad(lambda q, r: jnp.sum(knn(q, r, 5, impl=impl)[0]), argnums=(0, 1))(query[[0, 2, 3]], refs)
+  assert all(np.isfinite(np.asarray(g)).all() for g in finite)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -210,6 +218,33 @@ def test_knn_distance_gradients(impl):
   diff = 2 * np.arange(4.0)[:, None] * (query[:, :, None, :] - gathered)
   np.testing.assert_allclose(np.asarray(gq), diff.sum(-2), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(gr), -ref.group_points_grad(diff, idx, 15), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_knn_distance_jvp_and_finite_differences(impl):
+  rng = np.random.default_rng(12)
+  query = rng.standard_normal((2, 5, 6)).astype(np.float32)
+  refs = rng.standard_normal((2, 12, 6)).astype(np.float32)
+  _, idx = ref.knn(query, refs, 3)
+  dq = rng.standard_normal(query.shape).astype(np.float32)
+  dr = rng.standard_normal(refs.shape).astype(np.float32)
+  # Forward mode against numpy: d|q - r_j|^2 = 2 (q - r_j) . (dq - dr_j).
+  _, dist_dot = jax.jvp(lambda q, r: knn(q, r, 3, impl=impl)[0], (query, refs), (dq, dr))
+  want = 2 * np.sum((query[:, :, None] - ref.group_points(refs, idx)) *
+                    (dq[:, :, None] - ref.group_points(dr, idx)), axis=-1)
+  np.testing.assert_allclose(np.asarray(dist_dot), want, rtol=1e-5, atol=1e-5)
+  # Both modes against finite differences (steps small enough not to change the neighbours).
+  f = lambda q, r: jnp.sin(knn(q, r, 3, impl=impl)[0])
+  jax.test_util.check_grads(f, (query, refs), order=1, modes=["fwd", "rev"], eps=1e-3)
+
+
+def test_knn_without_differentiation_has_no_gather():
+  """Plain jit returns the custom call's own distances: the gather exists only in the derivative."""
+  query, refs = _points(13, (2, 16, 8)), _points(14, (2, 40, 8))
+  plain = jax.jit(lambda q, r: knn(q, r, 5)).lower(query, refs).as_text()
+  assert "xla_ops_knn" in plain and "gather" not in plain
+  grad = jax.jit(jax.grad(lambda q, r: jnp.sum(knn(q, r, 5)[0]), argnums=(0, 1))).lower(query, refs).as_text()
+  assert "gather" in grad
 
 
 def test_knn_vmap_and_batch_equivalence():

@@ -8,12 +8,14 @@
   ascending (m, k) order, so it does not depend on the thread count).
 * ``knn``: the ``k`` nearest ``ref`` points of every query in any channel count, ascending, ties to the
   lowest index (a point is its own first neighbour when ``query is ref``, unless it has an exact
-  duplicate of lower index). The custom call returns the indices; the squared distances are recomputed in
-  jnp from a gather, so they are differentiable w.r.t. ``query`` and ``ref`` (the order is decided by the
-  handler's float32 sums, so recomputed neighbours at near-equal distances may differ in the last bit).
+  duplicate of lower index). The distances are the float32 sums the neighbours were ranked by (the custom
+  call's own output, or the jnp sums for ``impl="jnp"``), so they are exactly ascending. A custom JVP makes
+  them differentiable w.r.t. ``query`` and ``ref``: its tangent is that of ``|query - ref[idx]|^2``, and the
+  ``[..., M, k, C]`` gather it needs is only evaluated when differentiating.
 
-NaN/Inf: a NaN distance counts as +inf. ``knn`` ranks NaN candidates last (lowest index first) and their
-recomputed distance is NaN; ``ball_query`` never accepts a NaN distance (a NaN query has an empty ball).
+NaN/Inf: a NaN distance counts as +inf. ``knn`` ranks NaN candidates last (lowest index first) and reports
+their distance as +inf (their gradient is NaN); ``ball_query`` never accepts a NaN distance (a NaN query
+has an empty ball).
 Indices outside ``[0, N)`` given to ``group_points``: the CPU custom call raises an INVALID_ARGUMENT error;
 the CUDA one and ``impl="jnp"`` read zeros for them.
 """
@@ -165,10 +167,31 @@ def group_points(points: jax.Array, idx: jax.Array, *, impl: str = "ffi") -> jax
 
 
 def _knn_one(q: jax.Array, ref: jax.Array, k: int):
-  """top_k on -distance of one query q [C] against ref [N, C] -> (idx [k],); NaN distances count as +inf."""
+  """top_k on -distance of one query q [C] against ref [N, C] -> (dist [k], idx [k]); NaN counts as +inf."""
   d = jnp.sum((ref - q) ** 2, axis=-1)
-  d = jnp.where(jnp.isnan(d), jnp.inf, d)
-  return (jax.lax.top_k(-d, k)[1].astype(jnp.int32),)  # top_k is stable: ties keep the lower index
+  neg_dist, idx = jax.lax.top_k(-jnp.where(jnp.isnan(d), jnp.inf, d), k)  # stable: ties keep the lower index
+  return -neg_dist, idx.astype(jnp.int32)
+
+
+@jax.custom_jvp
+def _differentiable_knn_dist(query, ref, idx, dist):
+  """Returns dist [..., M, k] (= |query - ref[idx]|^2 as ranked) with the tangent of that formula.
+
+  query [..., M, C], ref [..., N, C], idx int32 [..., M, k]; dist must not depend on query or ref through
+  differentiable operations (its own tangent is ignored).
+  """
+  del query, ref, idx
+  return dist
+
+
+@_differentiable_knn_dist.defjvp
+def _differentiable_knn_dist_jvp(primals, tangents):
+  query, ref, idx, dist = primals
+  query_dot, ref_dot, _, _ = tangents
+  diff = query[..., :, None, :] - _gather_jnp(ref, idx)
+  # Linear in (query_dot, ref_dot), so reverse mode transposes it (the gather into a scatter-add).
+  diff_dot = query_dot[..., :, None, :] - _gather_jnp(ref_dot, idx)
+  return dist, 2 * jnp.sum(diff * diff_dot, axis=-1)
 
 
 def knn(query: jax.Array, ref: jax.Array, k: int, *, impl: str = "ffi"):
@@ -180,8 +203,8 @@ def knn(query: jax.Array, ref: jax.Array, k: int, *, impl: str = "ffi"):
     k: neighbours per query, 1 <= k <= N.
     impl: "ffi" (custom call) or "jnp" (lax.top_k on -distances, query chunks).
   Returns:
-    (dist float32 [..., M, k] squared distances ascending, idx int32 [..., M, k]); ``dist`` is
-    differentiable w.r.t. ``query`` and ``ref``.
+    (dist float32 [..., M, k] squared distances ascending (+inf for NaN ones), idx int32 [..., M, k]);
+    ``dist`` is differentiable w.r.t. ``query`` and ``ref``.
   """
   _checks.check_impl(impl)
   _checks.check_points(query, "query", channels=None, min_points=0)
@@ -193,10 +216,9 @@ def knn(query: jax.Array, ref: jax.Array, k: int, *, impl: str = "ffi"):
   _checks.check_positive_int(k, "k", upper=ref.shape[-2], upper_name="the number of ref points N")
   sq, sr = jax.lax.stop_gradient(query), jax.lax.stop_gradient(ref)
   if impl == "ffi":
-    _, idx = batched_call("xla_ops_knn", (sq, sr), core_ndims=(2, 2),
-                          out_core=(((query.shape[-2], k), jnp.float32), ((query.shape[-2], k), jnp.int32)),
-                          k=np.int32(k))
+    dist, idx = batched_call("xla_ops_knn", (sq, sr), core_ndims=(2, 2),
+                             out_core=(((query.shape[-2], k), jnp.float32), ((query.shape[-2], k), jnp.int32)),
+                             k=np.int32(k))
   else:
-    (idx,) = _map_examples_and_queries(lambda q, p: _knn_one(q, p, k), sq, sr)
-  dist = jnp.sum((query[..., :, None, :] - _gather_jnp(ref, idx)) ** 2, axis=-1)
-  return dist, idx
+    dist, idx = _map_examples_and_queries(lambda q, p: _knn_one(q, p, k), sq, sr)
+  return _differentiable_knn_dist(query, ref, idx, dist), idx
