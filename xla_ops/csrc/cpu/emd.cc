@@ -238,6 +238,29 @@ inline bool OutOfReach(const Box& b, float x, float y, float z, float level) {
   return level * (dx * dx + dy * dy + dz * dz) < -88.0f;
 }
 
+// The bounding boxes of a block and of its sub-blocks of kSubBlock points (two-level culling).
+constexpr int64_t kSubBlock = 32;
+struct BlockBoxes {
+  Box whole;
+  Box sub[kMatchBlock / kSubBlock];
+  int64_t count, num_sub;
+  BlockBoxes(const float* x, const float* y, const float* z, int64_t count_)
+      : count(count_), num_sub((count_ + kSubBlock - 1) / kSubBlock) {
+    for (int64_t s = 0; s < num_sub; ++s) {
+      const int64_t begin = s * kSubBlock;
+      sub[s] = BoundingBox(x + begin, y + begin, z + begin, std::min(kSubBlock, count - begin));
+    }
+    whole = count > 0 ? BoundingBox(x, y, z, count) : Box{};
+  }
+  // Calls fn(begin, end) for the sub-block ranges that (x, y, z) can reach at this level.
+  template <typename Fn>
+  void ForReachable(float x, float y, float z, float level, Fn fn) const {
+    if (OutOfReach(whole, x, y, z, level)) return;
+    for (int64_t s = 0; s < num_sub; ++s)
+      if (!OutOfReach(sub[s], x, y, z, level)) fn(s * kSubBlock, std::min(count, (s + 1) * kSubBlock));
+  }
+};
+
 // Pass 1: ratio_l[k] = remain_l[k] / (1e-9 + sum_l exp(level d_kl) remain_r[l]) for the block's k. Points
 // with remain_l == 0 get ratio 0 without the sum, and rows with remain_r == 0 add exactly 0, so both are
 // skipped (the inputs are finite).
@@ -256,13 +279,15 @@ void RatioLeft(const float* px, const float* py, const float* pz, int64_t count,
     acc[active++] = 1e-9f;
   }
   if (active == 0) return;
-  const Box box = BoundingBox(x1, y1, z1, active);
+  const BlockBoxes boxes(x1, y1, z1, active);
   for (int64_t l = 0; l < m; ++l) {
     const float r = remain_r[l];
+    if (r == 0.0f) continue;
     const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
-    if (r == 0.0f || OutOfReach(box, x2, y2, z2, level)) continue;
-    for (int64_t k = 0; k < active; ++k)
-      acc[k] += ExpNonPositive(level * SqDist(x1[k], y1[k], z1[k], x2, y2, z2)) * r;
+    boxes.ForReachable(x2, y2, z2, level, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k)
+        acc[k] += ExpNonPositive(level * SqDist(x1[k], y1[k], z1[k], x2, y2, z2)) * r;
+    });
   }
   for (int64_t k = 0; k < active; ++k) ratio_l[slot[k]] = remain_l[slot[k]] / acc[k];
 }
@@ -285,13 +310,15 @@ void RatioRight(const float* qx, const float* qy, const float* qz, int64_t count
     acc[active++] = 0.0f;
   }
   if (active == 0) return;
-  const Box box = BoundingBox(x2, y2, z2, active);
+  const BlockBoxes boxes(x2, y2, z2, active);
   for (int64_t k = 0; k < n; ++k) {
     const float rl = ratio_l[k];
+    if (rl == 0.0f) continue;
     const float x1 = px[k], y1 = py[k], z1 = pz[k];
-    if (rl == 0.0f || OutOfReach(box, x1, y1, z1, level)) continue;
-    for (int64_t l = 0; l < active; ++l)
-      acc[l] += ExpNonPositive(level * SqDist(x1, y1, z1, x2[l], y2[l], z2[l])) * rl;
+    boxes.ForReachable(x1, y1, z1, level, [&](int64_t begin, int64_t end) {
+      for (int64_t l = begin; l < end; ++l)
+        acc[l] += ExpNonPositive(level * SqDist(x1, y1, z1, x2[l], y2[l], z2[l])) * rl;
+    });
   }
   for (int64_t i = 0; i < active; ++i) {
     const int64_t l = slot[i];
@@ -311,17 +338,19 @@ void UpdateMatch(const float* px, const float* py, const float* pz, int64_t coun
   FlushDenormals ftz;
   float acc[kMatchBlock];
   for (int64_t k = 0; k < count; ++k) acc[k] = 0.0f;
-  const Box box = BoundingBox(px, py, pz, count);
+  const BlockBoxes boxes(px, py, pz, count);
   for (int64_t l = 0; l < m; ++l) {
     const float rr = ratio_r[l];
+    if (rr == 0.0f) continue;
     const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
-    if (rr == 0.0f || OutOfReach(box, x2, y2, z2, level)) continue;
     float* row = match + l * n;
-    for (int64_t k = 0; k < count; ++k) {
-      const float w = ExpNonPositive(level * SqDist(px[k], py[k], pz[k], x2, y2, z2)) * ratio_l[k] * rr;
-      row[k] += w;
-      acc[k] += w;
-    }
+    boxes.ForReachable(x2, y2, z2, level, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const float w = ExpNonPositive(level * SqDist(px[k], py[k], pz[k], x2, y2, z2)) * ratio_l[k] * rr;
+        row[k] += w;
+        acc[k] += w;
+      }
+    });
   }
   for (int64_t k = 0; k < count; ++k) remain_l[k] = Max(0.0f, remain_l[k] - acc[k]);
 }
