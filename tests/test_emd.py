@@ -31,6 +31,15 @@ def test_approx_match_matches_reference(impl, n, m):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+def test_approx_match_several_blocks_and_scales(scale):
+  """Clouds larger than one CPU work block (sorting, culling, unsorting) at scales where culling is active
+  in few / most rounds."""
+  a, b = _clouds(13, (), 300, 260)
+  a, b = a * scale, b * scale
+  np.testing.assert_allclose(xla_ops.approx_match(a, b), ref.approx_match(a, b), rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("n,m", [(40, 40), (60, 20), (20, 60), (30, 70)])
 def test_approx_match_masses(n, m):
   """Rows/columns never exceed the masses of §5.2 and the transported total is ~ max(n, m)."""

@@ -2,10 +2,11 @@
 // metric/tf_approxmatch_g.cu), match_cost and match_cost_grad. float32 throughout, like the GPU kernel.
 //
 // Parallelism and determinism: approx_match is 10 rounds of 3 passes (ratioL over xyz1, ratioR over xyz2,
-// match/remainL over xyz1); each pass is split into fixed blocks of kMatchBlock points of one batch item, run on
-// XLA's intra-op pool *and* the calling thread, with a barrier between passes. Every output element is
-// computed by exactly one thread, summing in index order, so results do not depend on the thread count.
-// Memory: O(B * (n + m)) besides the [B, m, n] output.
+// match/remainL over xyz1) on Morton-sorted copies of the clouds; each pass is split into fixed blocks of
+// kMatchBlock points. With >= 2 batch items per thread every task runs one item's rounds; otherwise the
+// blocks of each pass run on XLA's intra-op pool and the calling thread with a barrier between passes.
+// Either way every output element is computed by exactly one thread in the same fixed order, so results do
+// not depend on the thread count or the batch size. Memory: O(B * (n + m)) besides the [B, m, n] output.
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
