@@ -3,7 +3,7 @@
 //
 // Parallelism and determinism: approx_match is 10 rounds of 3 passes (ratioL over xyz1, ratioR over xyz2,
 // match/remainL over xyz1) on Morton-sorted copies of the clouds; each pass is split into fixed blocks of
-// kMatchBlock points. With >= 2 batch items per thread every task runs one item's rounds; otherwise the
+// kMatchBlock points. With >= 1 batch item per thread every task runs one item's rounds; otherwise the
 // blocks of each pass run on XLA's intra-op pool and the calling thread with a barrier between passes.
 // Either way every output element is computed by exactly one thread in the same fixed order, so results do
 // not depend on the thread count or the batch size. Memory: O(B * (n + m)) besides the [B, m, n] output.
@@ -439,11 +439,12 @@ ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBu
     std::fill(out + i * m * n, out + (i + 1) * m * n, finite[i] ? 0.0f : std::numeric_limits<float>::quiet_NaN());
   };
 
-  // Two schedules with identical arithmetic (same blocks, same order within each output element):
-  // with enough batch items, one task per item runs all its rounds (no barriers, which matter on a busy
-  // machine); otherwise every pass is split into blocks over all items, with a barrier between passes.
+  // Two schedules with identical arithmetic (same blocks, same order within each output element): with at
+  // least one batch item per thread, one task per item runs all its rounds (no barriers: a pass over 1k
+  // points is shorter than the time a pool thread takes to wake up on a busy machine); otherwise every pass
+  // is split into blocks over all items, with a barrier between passes (B = 1 at 16k points).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (nb >= 2 * threads) {
+  if (nb >= threads) {
     RunParallel(pool, nb, [&](int64_t i) {
       init_item(i);
       if (!finite[i]) return;
