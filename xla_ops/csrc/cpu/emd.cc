@@ -23,12 +23,13 @@
 #endif
 
 // The hot loops are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time. They need
-// -fno-trapping-math (the selects in ExpNonPositive compare floats) and -fno-math-errno (sqrt) to vectorise;
-// none of this code relies on floating-point exception flags or errno. Header functions (std::max, std::sqrt)
-// would not be inlined into code with other optimisation options, hence the local Min/Max/Sqrt.
+// -fno-trapping-math to vectorise (the selects compare floats); nothing here relies on floating-point
+// exception flags. Header functions (std::max) would not be inlined into code compiled with other
+// optimisation options, hence the local Min/Max. sqrt is avoided (RSqrt): it sets errno, and a pragma
+// cannot turn -fmath-errno off.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define XLA_OPS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#pragma GCC optimize("no-trapping-math,no-math-errno")
+#pragma GCC optimize("no-trapping-math")
 #else
 #define XLA_OPS_SIMD_CLONES
 #endif
@@ -128,7 +129,7 @@ inline float Min(float a, float b) { return b < a ? b : a; }
 inline float Max(float a, float b) { return a < b ? b : a; }
 
 // 1/sqrt(x) for x >= 0 without libm (std::sqrt sets errno, which keeps GCC from vectorising it even under the
-// no-math-errno pragma): bit-trick estimate and three Newton steps, a relative error of a few float ulp.
+// optimize pragma): bit-trick estimate and three Newton steps, a relative error of a few float ulp.
 // RSqrt(0) is a large finite number, so x * RSqrt(x) is 0 at x = 0.
 inline float RSqrt(float x) {
   float y = BitCast<float>(0x5f375a86 - (BitCast<int32_t>(x) >> 1));
