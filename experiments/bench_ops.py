@@ -1,13 +1,14 @@
 """Benchmark of the xla_ops CPU custom calls vs their pure-jnp versions and the CPU tools a user would pick.
 
-Every (case, implementation) pair runs in a fresh subprocess (the same interpreter and environment), one
-after the other, so all ratios come from one run on the same machine state:
+Every case (an op at one size) runs in a fresh subprocess (same interpreter and environment) that sets up
+all its implementations, then times them interleaved (round r runs every implementation once), so the
+ratios between implementations come from the same minutes of a shared, noisy machine:
 
-* time: median of ``--repeats`` runs after one warm-up run (jax functions are compiled ahead of time and
+* time: median of ``--repeats`` rounds after one warm-up run (jax functions are compiled ahead of time and
   every run blocks until its results are ready);
-* memory: peak RSS of the first execution minus the RSS just before it (inputs created, function
-  compiled, freed heap returned with malloc_trim), read from /proc/self/status (VmHWM, reset through
-  /proc/self/clear_refs); it includes XLA's temporaries, the handlers' own buffers and the outputs;
+* memory: peak RSS of an implementation's first execution minus the RSS just before it (inputs created,
+  function compiled, freed heap returned with malloc_trim), read from /proc/self/status (VmHWM, reset
+  through /proc/self/clear_refs); it includes XLA's temporaries, the handlers' own buffers and outputs;
 * arithmetic limit: the op's flop count divided by the CPU's peak fp32 rate (stated in the output). For ops
   that use a spatial index (nn_distance, knn and ball query via trees) the count is the brute-force one,
   so a ratio below 1 means faster than any brute-force evaluation could be.
@@ -36,8 +37,8 @@ _QUICK = flags.DEFINE_bool("quick", False, "Small sizes and 2 timed runs (smoke 
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported); --quick uses 2.")
 _OUT = flags.DEFINE_string("out", None, "Markdown output (default docs/benchmarks.md for a full run).")
 _CASES = flags.DEFINE_list("cases", None, "Only these cases (names as in the table's first column).")
-_ISOLATE = flags.DEFINE_bool("isolate", None, "One subprocess per measurement (default: on, off with --quick).")
-_WORKER = flags.DEFINE_string("worker", None, "Internal: run one 'case/impl' measurement, print JSON.")
+_ISOLATE = flags.DEFINE_bool("isolate", None, "One subprocess per case (default: on, off with --quick).")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: measure one case in this process, print JSON.")
 
 FLOPS_PER_CYCLE_AVX2 = 32  # per core: 2 FMA pipes x 8 fp32 lanes x 2 flops
 FLOPS_PER_CYCLE_AVX512 = 64  # per core: 2 FMA pipes x 16 fp32 lanes x 2 flops
@@ -251,7 +252,8 @@ def _status_kib(key: str) -> int:
   raise KeyError(key)
 
 
-def _measure(run: Callable[[], Any], repeats: int) -> dict:
+def _first_run_peak_mib(run: Callable[[], Any]) -> float:
+  """Runs ``run`` once; returns its peak RSS increase (MiB)."""
   import gc
   gc.collect()
   try:
@@ -262,26 +264,29 @@ def _measure(run: Callable[[], Any], repeats: int) -> dict:
     f.write("5")  # resets VmHWM to the current RSS
   before = _status_kib("VmRSS")
   run()
-  peak_mib = (_status_kib("VmHWM") - before) / 1024
-  run()  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return dict(times=times, peak_mib=peak_mib)
+  return (_status_kib("VmHWM") - before) / 1024
 
 
-def _measure_spec(spec: str, quick: bool, repeats: int) -> dict:
-  """Measures one 'case/impl' (in this process)."""
-  case_name, label = spec.split("/", 1)
+def _measure_case(case_name: str, quick: bool, repeats: int) -> dict:
+  """Measures every available implementation of one case in this process: label -> result."""
   case = next(c for c in CASES if c.name == case_name)
-  impl = next(i for i in case.impls if i.label == label)
   sizes = case.quick if quick else case.full
-  result = _measure(impl.setup(sizes), repeats)
-  if (case_name, label) in EXTRA:
-    result["extra"] = EXTRA[case_name, label](sizes)
-  return result
+  runs, results = {}, {}
+  for impl in case.impls:
+    if not _available(impl.needs):
+      print(f"skip {case.name} / {impl.label}: {impl.needs} not available", file=sys.stderr)
+      continue
+    runs[impl.label] = impl.setup(sizes)
+    results[impl.label] = dict(peak_mib=_first_run_peak_mib(runs[impl.label]), times=[])
+    runs[impl.label]()  # warm-up
+    if (case_name, impl.label) in EXTRA:
+      results[impl.label]["extra"] = EXTRA[case_name, impl.label](sizes)
+  for _ in range(repeats):  # interleaved: every round times each implementation once
+    for label, run in runs.items():
+      start = time.perf_counter()
+      run()
+      results[label]["times"].append(time.perf_counter() - start)
+  return results
 
 
 # ---- driver ---------------------------------------------------------------------------------------
@@ -303,9 +308,9 @@ def _cpu_peak() -> tuple[float, str]:
   return peak, note
 
 
-def _run_worker(spec: str, quick: bool, repeats: int) -> dict:
-  """Measures one 'case/impl' in a fresh subprocess."""
-  cmd = [sys.executable, "-m", "experiments.bench_ops", f"--worker={spec}", f"--repeats={repeats}"]
+def _run_worker(case_name: str, quick: bool, repeats: int) -> dict:
+  """Measures one case in a fresh subprocess."""
+  cmd = [sys.executable, "-m", "experiments.bench_ops", f"--worker={case_name}", f"--repeats={repeats}"]
   if quick:
     cmd.append("--quick")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,7 +318,7 @@ def _run_worker(spec: str, quick: bool, repeats: int) -> dict:
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
-  raise RuntimeError(f"{spec} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  raise RuntimeError(f"{case_name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
 def _fmt_ratio(x: float) -> str:
@@ -328,10 +333,10 @@ def main(argv):
   del argv
   quick, repeats = _QUICK.value, (2 if _QUICK.value else _REPEATS.value)
   if _WORKER.value:
-    print("RESULT " + json.dumps(_measure_spec(_WORKER.value, quick, repeats)))
+    print("RESULT " + json.dumps(_measure_case(_WORKER.value, quick, repeats)))
     return
   isolate = (not quick) if _ISOLATE.value is None else _ISOLATE.value
-  measure = _run_worker if isolate else _measure_spec
+  measure = _run_worker if isolate else _measure_case
   peak, peak_note = _cpu_peak()
   rows, extras, verdicts = [], [], []
   started = datetime.datetime.now(datetime.timezone.utc)
@@ -339,14 +344,9 @@ def main(argv):
     if _CASES.value and case.name not in _CASES.value:
       continue
     sizes = case.quick if quick else case.full
-    results = {}
-    for impl in case.impls:
-      if not _available(impl.needs):
-        print(f"skip {case.name} / {impl.label}: {impl.needs} not available", flush=True)
-        continue
-      results[impl.label] = measure(f"{case.name}/{impl.label}", quick, repeats)
-      r = results[impl.label]
-      print(f"{case.name:28s} {impl.label:26s} median {_fmt_time(statistics.median(r['times']))}  "
+    results = measure(case.name, quick, repeats)
+    for label, r in results.items():
+      print(f"{case.name:28s} {label:26s} median {_fmt_time(statistics.median(r['times']))}  "
             f"peak +{r['peak_mib']:.0f} MiB", flush=True)
       if "extra" in r:
         extras.append(f"- {case.name}, {case.describe(sizes)}: {r['extra']}")
@@ -373,13 +373,15 @@ def main(argv):
       f"{started:%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}, {peak_note}.",
       "",
       "The machine is a shared 2-core VM with other jobs running: timings are noisy (often +-30%) and all "
-      f"ratios are taken from the same run. {'Each row is a fresh process' if isolate else 'One process'}: "
-      f"median of {repeats} runs after one warm-up; jax functions are compiled ahead of time and XLA uses its default "
+      f"ratios are taken from the same run. {'Each op/size is a fresh process' if isolate else 'One process'}"
+      f" that times its implementations interleaved (round r runs each once): median of {repeats} rounds "
+      "after one warm-up; jax functions are compiled ahead of time and XLA uses its default "
       "thread pool (one per core); scipy uses workers=-1; fpsample and POT are single-threaded and called "
       "per example.",
       "",
-      "Peak MiB: peak RSS of the first execution minus the RSS just before it (inputs made, function "
-      "compiled, malloc_trim), from /proc/self/status VmHWM after resetting it via /proc/self/clear_refs.",
+      "Peak MiB: peak RSS of an implementation's first execution minus the RSS just before it (inputs made, "
+      "function compiled, malloc_trim), from /proc/self/status VmHWM after resetting it via "
+      "/proc/self/clear_refs.",
       "",
       "x of limit: median time / (flops / peak fp32 rate). Flop counts are brute-force counts (below), "
       "so for tree-based searches a value below 1 means faster than any brute-force evaluation.",
