@@ -34,7 +34,7 @@ constexpr const char* kOp = "xla_ops_nn_distance";
 // Brute force up to this many (query, reference) pairs per batch item. Measured on an AMD EPYC (Zen 3),
 // one thread, both directions: trees take 0.13 ms vs 0.26 ms at 256 x 256, and break even near 128 x 128.
 constexpr int64_t kBruteForceMaxPairs = 128 * 128;
-// Points per leaf; 8 beat 4 and 16 by 20-50% at 16384 x 16384 (uniform and sphere-surface clouds).
+// Points per leaf; 8 beat 4 and 16 by 15-50% at 16384 x 16384 (uniform and sphere-surface clouds).
 constexpr int32_t kLeafSize = 8;
 // Relative shrink of the subtree bounds (see "Exactness" above).
 constexpr float kBoundShrink = 1.0f - 1.0f / (1 << 20);
