@@ -302,19 +302,20 @@ def evaluate_predictions(predict_fn, batches: Iterable[dict], batch_size: int, c
 
 def evaluate_run(checkpoint: str, output_prefix: str, split: str = "test", data_root: str | None = None,
                  baselines: bool = True, emd_examples_per_category: int = -1, exact_emd_clouds: int = 16,
-                 max_batches: int = -1, medoid_max_per_group: int = 32) -> dict:
+                 max_batches: int = -1, medoid_max_per_group: int = 32, predictor=None) -> dict:
   """Evaluates a finetune (or sparse) run on ``split`` of its data and writes ``<output_prefix>.{csv,md}``.
 
   Args:
     checkpoint: the run's workdir.
     data_root: overrides the run's config.data.root.
     baselines: also score the medoid baselines (built from the training split).
+    predictor: a ``predict.Predictor`` of this run to reuse (its forward pass is already compiled).
   Returns:
     evaluate_predictions()'s result plus 'paths' (csv, md).
   """
   from dpcr_jax import predict  # pylint: disable=g-import-not-at-top
   from dpcr_jax.data import CATEGORIES, make_iterator  # pylint: disable=g-import-not-at-top
-  predictor = predict.Predictor(checkpoint)
+  predictor = predictor or predict.Predictor(checkpoint)
   config = predictor.config
   if data_root:
     config.data.root = data_root

@@ -45,9 +45,8 @@ def make_data(root: str, data_config) -> float:
   return time.time() - start
 
 
-def qualitative(run_dir: str, config, out_dir: str, per_category: int = 1) -> None:
+def qualitative(predictor: predict.Predictor, config, out_dir: str, per_category: int = 1) -> None:
   """qualitative.png (one test example per category) and PLY files of the predictions and ground truths."""
-  predictor = predict.Predictor(run_dir)
   chosen = {}
   for batch in make_iterator(config.data, "test", config.eval_batch_size, seed=0, shuffle=False, num_epochs=1,
                              drop_remainder=False):
@@ -103,11 +102,13 @@ def main(argv):
     logging.info("Stage %s done in %.0f s", stage, timings[stage])
 
   start = time.time()
+  predictor = predict.Predictor(runs["finetune"])
   result = evaluation.evaluate_run(runs["finetune"], os.path.join(workdir, "results"),
-                                   emd_examples_per_category=_EMD_PER_CATEGORY.value, exact_emd_clouds=16)
+                                   emd_examples_per_category=_EMD_PER_CATEGORY.value, exact_emd_clouds=16,
+                                   predictor=predictor)
   timings["evaluation"] = time.time() - start
   start = time.time()
-  qualitative(runs["finetune"], config, workdir)
+  qualitative(predictor, config, workdir)
   timings["pictures"] = time.time() - start
   timings["total"] = time.time() - job_start
   with open(os.path.join(workdir, "timings.json"), "w") as f:
