@@ -70,15 +70,20 @@ def main(argv):
     start = time.perf_counter()
     compiled = step.lower(*state, batch).compile()
     compile_s = time.perf_counter() - start
-    times = []
+    times, losses = [], []
     for _ in range(_STEPS.value + 1):  # the first run also warms up the allocator and thread pools
       start = time.perf_counter()
       *state, loss = compiled(*state, batch)
       loss.block_until_ready()
       times.append(time.perf_counter() - start)
+      losses.append(float(loss))
     medians[impl] = statistics.median(times[1:])
+    # The first loss is at the shared initial parameters (comparable across backends); later ones are
+    # not: Adam's first steps move every parameter by ~lr whatever the gradient's size, so float32
+    # rounding differences in near-zero gradients change the trajectory.
     print(f"{impl}: compile {compile_s:.1f} s, step median {medians[impl]:.3f} s "
-          f"(steps {', '.join(f'{t:.3f}' for t in times[1:])}), loss {float(loss):.5f}", flush=True)
+          f"(steps {', '.join(f'{t:.3f}' for t in times[1:])}), losses {', '.join(f'{l:.6f}' for l in losses)}",
+          flush=True)
   if {"ffi", "jnp"} <= medians.keys():
     print(f"jnp / ffi step time: {medians['jnp'] / medians['ffi']:.2f}x")
 
