@@ -9,12 +9,12 @@ Differences from the paper settings (configs/{sparse,dense,finetune}.py), all fo
   - point counts 256 -> 1024 -> 4096 (paper 1024 -> 4096 -> 16384), dense kNN k = 16 (paper 20);
   - Adam lr 1e-3 (paper 3e-5, which learns next to nothing in a few hundred steps), batch 8;
   - sparse BN momentum 0.9 with shuffled data (paper 0.5, a quirk of the original, spec §9.2);
-  - 800 / 100 / 80 steps instead of 20 / 20 / 40 epochs (a dense or finetune step takes ~1.5 s on 2 cores).
+  - 500 / 60 / 50 steps instead of 20 / 20 / 40 epochs (a dense or finetune step takes ~1.5 s on 2 cores).
 The argument after ':' picks the stage: sparse (default), dense or finetune.
 """
 from configs import default
 
-NUM_STEPS = {"sparse": 800, "dense": 100, "finetune": 80}
+NUM_STEPS = {"sparse": 500, "dense": 60, "finetune": 50}
 
 
 def get_config(stage: str = "sparse"):
