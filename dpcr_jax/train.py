@@ -70,6 +70,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.num_train_steps must be > 0, got {config.num_train_steps}")
   if config.learning_rate <= 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+  if config.lr_schedule not in ("constant", "cosine"):
+    raise ValueError(f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+  if not 0 <= config.lr_warmup_steps < config.num_train_steps:
+    raise ValueError(f"config.lr_warmup_steps must be in [0, num_train_steps={config.num_train_steps}), "
+                     f"got {config.lr_warmup_steps}")
   for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"config.{name} must be > 0, got {config[name]}")
@@ -113,9 +118,18 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 # State, steps.
 
 
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """config.lr_schedule: 'constant' (the paper) or 'cosine' (warm-up, then cosine decay to the final fraction)."""
+  if config.lr_schedule == "constant":
+    return optax.constant_schedule(config.learning_rate)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.lr_warmup_steps,
+      decay_steps=config.num_train_steps, end_value=config.learning_rate * config.lr_final_fraction)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with a constant learning rate (the original: TF defaults b1 0.9, b2 0.999, eps 1e-8)."""
-  return optax.adam(config.learning_rate, b1=0.9, b2=0.999, eps=1e-8)
+  """Adam (the original: TF defaults b1 0.9, b2 0.999, eps 1e-8) with ``learning_rate_schedule(config)``."""
+  return optax.adam(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8)
 
 
 def create_train_state(model, tx: optax.GradientTransformation, example_batch: dict, seed: int) -> TrainState:

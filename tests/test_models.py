@@ -257,9 +257,7 @@ def test_grid_codes_and_point_order():
 
 def _dense_level(config) -> DenseLevel:
   """A standalone dense level configured as build_model(config, 'dense')'s levels."""
-  net = build_model(config, "dense")
-  return DenseLevel(net.local_feature, net.upsample, net.skip_weight, net.grid_scale, net.global_channels,
-                    net.decoder_channels, net.frozen_bn, net.ops_impl)
+  return build_model(config, "dense").level()
 
 
 def _tiny_dense(seed=0, **config_changes):

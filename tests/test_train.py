@@ -62,12 +62,26 @@ def test_train_and_evaluate_writes_metrics_and_learns(tmp_path, monkeypatch):
     (dict(batch_size=12), "divisible by the number of devices"),
     (dict(learning_rate=0.0), "learning_rate"),
     (dict(num_train_steps=0), "num_train_steps"),
+    (dict(lr_schedule="linear"), "lr_schedule"),
+    (dict(lr_schedule="cosine", lr_warmup_steps=10 ** 9), "lr_warmup_steps"),
 ])
 def test_bad_config_is_rejected_before_compiling(tmp_path, override, message):
   config = standins.tiny_config("sparse", str(tmp_path))
   config.update(override)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_learning_rate_schedules():
+  config = standins.tiny_config("sparse", "unused")
+  config.learning_rate, config.num_train_steps = 1e-3, 100
+  assert float(train.learning_rate_schedule(config)(57)) == pytest.approx(1e-3)  # the paper's constant Adam
+  config.lr_schedule, config.lr_warmup_steps, config.lr_final_fraction = "cosine", 10, 0.01
+  schedule = train.learning_rate_schedule(config)
+  assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(5e-4)  # linear warm-up
+  assert float(schedule(10)) == pytest.approx(1e-3)  # peak
+  assert float(schedule(55)) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-4)  # half way down the cosine
+  assert float(schedule(100)) == pytest.approx(1e-5)  # the final fraction
 
 
 def test_missing_data_root_is_rejected(tmp_path):

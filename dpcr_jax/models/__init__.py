@@ -11,7 +11,7 @@ import functools
 import flax.linen as nn
 import ml_collections
 
-from dpcr_jax.models.dense import DenseNet, EdgeConvFeature
+from dpcr_jax.models.dense import DenseLevel, DenseNet, EdgeConvFeature
 from dpcr_jax.models.finetune import Finetune
 from dpcr_jax.models.pointnet2 import PointNet2Feature
 from dpcr_jax.models.sparse import SparseNet, decoder_kernels
@@ -100,10 +100,11 @@ def _dense_net(config: ml_collections.ConfigDict, name: str | None = None) -> De
         sa_channels=tuple(map(tuple, p.sa_channels)), fp_channels=tuple(map(tuple, p.fp_channels)), **common)
   else:
     raise ValueError(f"dense.variant must be 'edgeconv' or 'pointnet2', got {d.variant!r}")
-  return DenseNet(local, levels=d.levels, upsample=d.upsample, skip_weight=d.skip_weight,
-                  grid_scale=d.grid_scale, global_channels=tuple(d.global_channels),
-                  decoder_channels=tuple(d.decoder_channels), frozen_bn=config.tflearn_frozen_bn,
-                  ops_impl=config.ops_impl, name=name)
+  level = functools.partial(DenseLevel, local, upsample=d.upsample, skip_weight=d.skip_weight,
+                            grid_scale=d.grid_scale, global_channels=tuple(d.global_channels),
+                            decoder_channels=tuple(d.decoder_channels), frozen_bn=config.tflearn_frozen_bn,
+                            ops_impl=config.ops_impl)
+  return DenseNet(level, levels=d.levels, name=name)
 
 
 def build_model(config: ml_collections.ConfigDict, stage: str) -> nn.Module:

@@ -134,15 +134,8 @@ class DenseNet(nn.Module):
 
   With ``levels`` L >= 2, 'dense' is the last level's output and 'mid' the one before.
   """
-  local_feature: Callable[..., nn.Module]  # constructor of the local feature (EdgeConvFeature, PointNet2Feature)
+  level: Callable[..., DenseLevel]  # e.g. functools.partial(DenseLevel, local_feature, upsample=4); no shared weights
   levels: int = 2
-  upsample: int = 4
-  skip_weight: float = 0.2
-  grid_scale: float = 0.1
-  global_channels: Sequence[int] = (32, 64, 64)
-  decoder_channels: Sequence[int] = (128, 128, 64)
-  frozen_bn: bool = True
-  ops_impl: str = "ffi"
 
   @nn.compact
   def upsample_points(self, points: jax.Array, train: bool) -> list[jax.Array]:
@@ -151,9 +144,7 @@ class DenseNet(nn.Module):
       raise ValueError(f"points must have shape [B, N, 3], got {points.shape}")
     outputs, skip = [], None
     for level in range(1, self.levels + 1):
-      new_points, feature = DenseLevel(
-          self.local_feature, self.upsample, self.skip_weight, self.grid_scale, self.global_channels,
-          self.decoder_channels, self.frozen_bn, self.ops_impl, name=f"level_{level}")(points, skip, train)
+      new_points, feature = self.level(name=f"level_{level}")(points, skip, train)
       skip, points = (points, feature), new_points
       outputs.append(points)
     return outputs
