@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xla_ops import _checks
+from xla_ops import _checks, _jnp
 from xla_ops._ffi import batched_call
 
 
@@ -43,19 +43,9 @@ def _nn_indices_ffi(a, b):
 
 
 def _nearest_jnp(x, y, chunk: int = 1024):
-  """Index of the nearest point of y for every point of x, in query chunks of ``chunk`` (jnp baseline)."""
-  n = x.shape[-2]
-  pad = (-n) % chunk if n > chunk else 0
-  size = min(chunk, n)
-  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
-  blocks = jnp.moveaxis(xp.reshape(x.shape[:-2] + ((n + pad) // size, size, x.shape[-1])), -3, 0)
-
-  def one(block):  # [..., size, C] -> [..., size]
-    d = jnp.sum((block[..., :, None, :] - y[..., None, :, :]) ** 2, axis=-1)
-    return jnp.argmin(d, axis=-1).astype(jnp.int32)
-
-  idx = jax.lax.map(one, blocks)
-  return jnp.moveaxis(idx, 0, -2).reshape(x.shape[:-2] + (n + pad,))[..., :n]
+  """Index of the nearest point of y for every point of x, ``chunk`` queries at a time (jnp baseline)."""
+  nearest = lambda q, p: (jnp.argmin(jnp.sum((q - p) ** 2, axis=-1)).astype(jnp.int32),)  # noqa: E731
+  return _jnp.map_queries(nearest, x, y, chunk)[0]
 
 
 def nn_distance(a: jax.Array, b: jax.Array, *, impl: str = "ffi"):

@@ -27,31 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xla_ops import _checks
+from xla_ops import _checks, _jnp
 from xla_ops._ffi import batched_call
 
 _QUERY_CHUNK = 64  # queries per vmapped step of the jnp implementations
-
-
-def _map_examples_and_queries(fn, queries: jax.Array, points: jax.Array) -> tuple[jax.Array, ...]:
-  """Applies ``fn(q [C], points [N, C]) -> tuple of arrays`` to every query of every example.
-
-  queries [..., M, C] and points [..., N, C] share the batch shape; returns arrays [..., M, *out_shape]. The
-  queries of an example are processed ``_QUERY_CHUNK`` at a time (bounded memory for the jnp baselines).
-  """
-  batch = queries.shape[:-2]
-  if queries.shape[-2] == 0:  # lax.map cannot batch zero queries
-    outs = jax.eval_shape(fn, jax.ShapeDtypeStruct(queries.shape[-1:], queries.dtype),
-                          jax.ShapeDtypeStruct(points.shape[-2:], points.dtype))
-    return tuple(jnp.zeros(batch + (0,) + o.shape, o.dtype) for o in outs)
-  q = queries.reshape((-1,) + queries.shape[-2:])
-  p = points.reshape((-1,) + points.shape[-2:])
-
-  def per_example(qe, pe):
-    return jax.lax.map(lambda qi: fn(qi, pe), qe, batch_size=_QUERY_CHUNK)
-
-  outs = jax.vmap(per_example)(q, p)
-  return tuple(o.reshape(batch + o.shape[1:]) for o in outs)
 
 
 def _check_radius(radius) -> float:
@@ -102,7 +81,7 @@ def ball_query(xyz: jax.Array, new_xyz: jax.Array, radius: float, nsample: int, 
                         out_core=(((m, nsample), jnp.int32), ((m,), jnp.int32)),
                         radius=np.float32(radius), nsample=np.int32(nsample))
   r2 = jnp.float32(radius) * jnp.float32(radius)
-  return _map_examples_and_queries(lambda q, p: _ball_query_one(q, p, r2, nsample), new_xyz, xyz)
+  return _jnp.map_queries(lambda q, p: _ball_query_one(q, p, r2, nsample), new_xyz, xyz, _QUERY_CHUNK)
 
 
 # ---- group_points -----------------------------------------------------------------------------------
@@ -220,5 +199,5 @@ def knn(query: jax.Array, ref: jax.Array, k: int, *, impl: str = "ffi"):
                              out_core=(((query.shape[-2], k), jnp.float32), ((query.shape[-2], k), jnp.int32)),
                              k=np.int32(k))
   else:
-    dist, idx = _map_examples_and_queries(lambda q, p: _knn_one(q, p, k), sq, sr)
+    dist, idx = _jnp.map_queries(lambda q, p: _knn_one(q, p, k), sq, sr, _QUERY_CHUNK)
   return _differentiable_knn_dist(query, ref, idx, dist), idx
