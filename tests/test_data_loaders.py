@@ -205,7 +205,7 @@ def test_pix3d_missing_files(tmp_path):
     data.make_source(_config(root, source="pix3d", categories=None), "test")
   src = data.make_source(_config(root, source="pix3d", categories=None, skip_missing=True), "test")
   assert len(src) == 2 and len(src.skipped) == 1
-  with pytest.raises(DataError, match="missing annotation file"):
+  with pytest.raises(DataError, match="missing pix3d annotation file"):
     data.make_source(_config(str(tmp_path / "img"), source="pix3d", categories=None), "test")
 
 

@@ -1,4 +1,5 @@
 """Helpers shared by the dataset sources: errors, skip bookkeeping, image conversion."""
+import json
 import logging
 import os
 
@@ -34,6 +35,16 @@ def require_file(path: str, what: str) -> str:
   if not os.path.isfile(path):
     raise DataError(f"missing {what}: {path}")
   return path
+
+
+def read_json(path: str, what: str):
+  """Parses the JSON file ``path``; a missing or invalid file raises DataError naming ``what`` and the path."""
+  require_file(path, what)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{what} {path} is not valid JSON ({e})") from e
 
 
 def to_float_image(image: np.ndarray, size: int | None) -> np.ndarray:

@@ -9,7 +9,6 @@ to image_size - pad keeping the aspect ratio, zero-pad symmetrically (pad 70 at 
 GT: area-weighted samples of the model OBJ scaled by 0.57, in the canonical Pix3D model frame (as
 AttentionDPCR's gen_pix3d.py); sampled once per model (seeded by the model path) and cached in memory.
 """
-import json
 import os
 import threading
 import zlib
@@ -21,7 +20,7 @@ from dpcr_jax.data import camera
 from dpcr_jax.data import categories
 from dpcr_jax.data import sampling
 from dpcr_jax.data import shapes
-from dpcr_jax.data.common import DataError, SkipLog
+from dpcr_jax.data.common import DataError, SkipLog, read_json
 
 PIX3D_CATEGORIES = ("chair", "sofa", "table")
 
@@ -55,13 +54,7 @@ class Pix3DSource:
                n_mid: int | None = 4096, n_dense: int = 16384, category_list=None, skip_missing: bool = False,
                sampling_method: str = "deterministic"):
     ann_path = os.path.join(root, "pix3d.json")
-    if not os.path.isfile(ann_path):
-      raise DataError(f"pix3d: missing annotation file {ann_path}")
-    try:
-      with open(ann_path) as f:
-        entries = json.load(f)
-    except json.JSONDecodeError as e:
-      raise DataError(f"pix3d: {ann_path} is not valid JSON ({e})") from e
+    entries = read_json(ann_path, "pix3d annotation file")
     wanted = set(PIX3D_CATEGORIES)
     if category_list is not None:
       wanted = {categories.NAMES[categories.SYNSET_TO_INDEX[s]] for s in categories.resolve_categories(category_list)}

@@ -6,7 +6,6 @@
 Points are returned in the canonical frame (3D-LMNet/DensePCR) or, with frame='view', in the camera frame
 of the view (camera at 1.75 ratio, the AttentionDPCR-style view-centred target).
 """
-import json
 import os
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 
 from dpcr_jax.data import camera
 from dpcr_jax.data import categories
-from dpcr_jax.data.common import DataError, SkipLog, composite, to_float_image
+from dpcr_jax.data.common import DataError, SkipLog, composite, read_json, to_float_image
 from dpcr_jax.data.synthetic import pointcloud_filename
 
 SPLIT_FILES = {"train": "train_models.json", "val": "val_models.json", "test": "val_models.json"}
@@ -22,13 +21,7 @@ SPLIT_FILES = {"train": "train_models.json", "val": "val_models.json", "test": "
 
 def read_split_file(path: str) -> dict[str, list[str]]:
   """{"<syn>": ["<syn>/<id>", ...]} -> {syn: [id, ...]} (validated)."""
-  if not os.path.isfile(path):
-    raise DataError(f"missing split list: {path}")
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise DataError(f"{path}: not valid JSON ({e})") from e
+  data = read_json(path, "split list")
   if not isinstance(data, dict):
     raise DataError(f"{path}: expected a dict synset -> list of '<syn>/<id>'")
   out = {}
