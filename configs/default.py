@@ -1,6 +1,6 @@
 """Shared defaults of every training config (paper settings, spec §4 and §10); stage configs override them.
 
-Not a launch config by itself: use configs/sparse.py, dense.py, finetune.py, quickstart.py or psgn.py.
+Not a launch config by itself: use configs/sparse.py, dense.py, finetune.py, quickstart.py, psgn_full.py or psgn_cpu.py.
 """
 import ml_collections
 

@@ -14,7 +14,7 @@ The argument after ':' picks the stage: sparse (default), dense or finetune.
 """
 from configs import default
 
-NUM_STEPS = {"sparse": 500, "dense": 60, "finetune": 50}
+NUM_STEPS = {"sparse": 1500, "dense": 60, "finetune": 30}
 
 
 def get_config(stage: str = "sparse"):

@@ -239,6 +239,14 @@ def test_psgn_real_batch():
     cats.append(int(ex["category"]))
   assert all(-1 <= c < 13 for c in cats)
   assert any(c >= 0 for c in (int(src[i]["category"]) for i in range(32)))  # some ids are in the R2N2 lists
+  # Fewer dense points (the CPU config): an FPS subset of the file's cloud that extends the sparse subset.
+  small = data.make_source(_config(_psgn_root(), source="psgn", image_size=128, n_dense=1024, n_mid=256,
+                                   n_sparse=64), "val")[7]
+  full = src[7]
+  assert small["points_dense"].shape == (1024, 3)
+  np.testing.assert_array_equal(small["points_sparse"], full["points_sparse"])
+  np.testing.assert_array_equal(small["points_dense"][:256], full["points_mid"])
+  assert (np.abs(full["points_dense"][None] - small["points_dense"][:, None]).sum(-1).min(1) == 0).all()
 
 
 def test_psgn_bad_files(tmp_path):
@@ -253,8 +261,8 @@ def test_psgn_bad_files(tmp_path):
     src[40]
   with pytest.raises(DataError, match="no usable|no train batch"):
     data.make_source(_config(str(tmp_path), source="psgn", n_dense=16384, skip_missing=True), "train")
-  with pytest.raises(ValueError, match="n_dense must be 16384"):
-    data.make_source(_config(str(tmp_path), source="psgn"), "train")
+  with pytest.raises(ValueError, match=r"n_dense must be in \[1, 16384\]"):
+    data.make_source(_config(str(tmp_path), source="psgn", n_dense=16385), "train")
 
 
 def test_generated_mini_pix3d_loads_end_to_end(tmp_path):

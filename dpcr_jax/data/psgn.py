@@ -94,8 +94,9 @@ class PSGNSource:
                mask_background: bool = True, split_dir: str | None = None, cache_files: int = 32):
     if split not in ("train", "val", "test"):
       raise ValueError(f"split must be 'train' or 'val'/'test' (batch 15), got {split!r}")
-    if n_dense != N_POINTS:
-      raise ValueError(f"n_dense must be {N_POINTS} for PSGN (the files hold {N_POINTS} points), got {n_dense}")
+    if not 0 < n_dense <= N_POINTS:
+      raise ValueError(f"n_dense must be in [1, {N_POINTS}] for PSGN (the files hold {N_POINTS} points; fewer are "
+                       f"an FPS subset), got {n_dense}")
     files = sorted(glob.glob(os.path.join(root, "batch_*.zlib")))
     if not files:
       raise DataError(f"psgn: no batch_NN.zlib files in {root}")
@@ -105,7 +106,7 @@ class PSGNSource:
     if not self._files:
       raise DataError(f"psgn: no {split} batch files in {root} (validation = batch {VALIDATION_BATCHES})")
     self.image_size, self.mask_background = image_size, mask_background
-    self.n_sparse, self.n_mid = n_sparse, n_mid
+    self.n_sparse, self.n_mid, self.n_dense = n_sparse, n_mid, n_dense
     self._synsets = _model_synsets(split_dir)
     log = SkipLog("psgn", skip_missing)
     if skip_missing:  # validate every file up front (~0.15 s each) so that bad ones can be dropped
@@ -135,12 +136,14 @@ class PSGNSource:
         return self._cache[file_idx]
     raw = decode_batch(self._files[file_idx])
     dense = dequantize_points(raw["ptcloud"], raw["rotmat"])
-    fps = sampling.farthest_point_indices(dense, max(self.n_sparse, self.n_mid or 0))
-    entry = {"color": raw["color"], "mask": raw["depth"] > 0, "points_dense": dense,
-             "points_sparse": np.take_along_axis(dense, fps[..., :self.n_sparse, None], 1),
-             "model_ids": raw["model_ids"]}
+    subset_sizes = [self.n_sparse, self.n_mid or 0, self.n_dense if self.n_dense < N_POINTS else 0]
+    fps = sampling.farthest_point_indices(dense, max(subset_sizes))  # prefixes are FPS subsets
+    subset = lambda n: np.take_along_axis(dense, fps[..., :n, None], 1)  # noqa: E731
+    entry = {"color": raw["color"], "mask": raw["depth"] > 0, "model_ids": raw["model_ids"],
+             "points_sparse": subset(self.n_sparse),
+             "points_dense": dense if self.n_dense == N_POINTS else subset(self.n_dense)}
     if self.n_mid:
-      entry["points_mid"] = np.take_along_axis(dense, fps[..., :self.n_mid, None], 1)
+      entry["points_mid"] = subset(self.n_mid)
     with self._lock:
       self._cache[file_idx] = entry
       while len(self._cache) > self._cache_files:

@@ -1,10 +1,10 @@
-"""The quickstart model trained on real ShapeNet renders: the PSGN batches in ../shared/data/psgn-shapenet.
+"""The quickstart network on real ShapeNet renders (PSGN batches in ../shared/data/psgn-shapenet), paper sizes.
 
-  python -m experiments.train --config configs/psgn.py:sparse --workdir runs/psgn/sparse
-  python -m experiments.train --config configs/psgn.py:dense --workdir runs/psgn/dense
-  python -m experiments.train --config configs/psgn.py:finetune --workdir runs/psgn/finetune \
-      --config.init.sparse_checkpoint=runs/psgn/sparse --config.init.dense_checkpoint=runs/psgn/dense
-  python -m experiments.evaluate --checkpoint runs/psgn/finetune --output runs/psgn/results --split val
+  python -m experiments.train --config configs/psgn_full.py:sparse --workdir runs/psgn_full/sparse
+  python -m experiments.train --config configs/psgn_full.py:dense --workdir runs/psgn_full/dense
+  python -m experiments.train --config configs/psgn_full.py:finetune --workdir runs/psgn_full/finetune \
+      --config.init.sparse_checkpoint=runs/psgn_full/sparse --config.init.dense_checkpoint=runs/psgn_full/dense
+  python -m experiments.evaluate --checkpoint runs/psgn_full/finetune --output runs/psgn_full/results --split val
 
 768 training samples (24 batch files), validation = the 32 samples of batch 15. Images are 192 x 256 on a
 grey background, masked to black with the depth map and padded/resized to 256 x 256; the ground truth is in
@@ -12,7 +12,8 @@ each image's view frame (not the AttentionDPCR camera frame), so the medoid base
 one 'view' (-1). Run from the repository root (data.root is relative to it). The argument after ':' picks the
 stage (sparse, dense or finetune). The files hold 16384 points per cloud, so point counts and image size are
 the paper's (1024 -> 4096 -> 16384, 256 px, kNN k 20); the sparse network keeps the quickstart's width x0.25
-and lr 1e-3. Meant for a GPU: on a 2-core CPU a dense or finetune step at 16384 points takes many seconds.
+and lr 1e-3. Meant for a GPU: on a 2-core CPU a dense or finetune step at 16384 points takes many seconds (configs/psgn_cpu.py
+is the CPU-sized variant).
 """
 from configs import quickstart
 

@@ -1,0 +1,28 @@
+"""The quickstart model and sizes on real ShapeNet renders (PSGN batches in ../shared/data/psgn-shapenet).
+
+  python -m experiments.train --config configs/psgn_cpu.py:sparse --workdir runs/psgn_cpu/sparse
+  python -m experiments.train --config configs/psgn_cpu.py:dense --workdir runs/psgn_cpu/dense
+  python -m experiments.train --config configs/psgn_cpu.py:finetune --workdir runs/psgn_cpu/finetune \
+      --config.init.sparse_checkpoint=runs/psgn_cpu/sparse --config.init.dense_checkpoint=runs/psgn_cpu/dense
+  python -m experiments.evaluate --checkpoint runs/psgn_cpu/finetune --output runs/psgn_cpu/results --split val
+
+What a 2-core CPU can train in an hour: configs/quickstart.py's sizes (128 px images, width x0.25, 256 -> 1024 ->
+4096 points, kNN k 16, Adam 1e-3, batch 8) on the 768 PSGN training samples; the 16384-point clouds are cut to
+FPS subsets of 4096 (dense GT), 1024 and 256 points, and evaluation (batch 15, 32 samples) is at 4096 points.
+configs/psgn_full.py has the paper's sizes (for a GPU). Ground truth is in each image's view frame, so the
+medoid baselines group all samples as one 'view' (-1). Run from the repository root (data.root is relative).
+"""
+from configs import psgn_full, quickstart
+
+NUM_STEPS = {"sparse": 3000, "dense": 300, "finetune": 150}
+
+
+def get_config(stage: str = "sparse"):
+  config = quickstart.get_config(stage)
+  full = psgn_full.get_config(stage)
+  config.data.source, config.data.root, config.eval_split = full.data.source, full.data.root, full.eval_split
+  config.num_train_steps = NUM_STEPS[stage]
+  config.eval_every = NUM_STEPS[stage] // 2
+  config.eval_batches = -1
+  config.checkpoint_every = 250
+  return config
