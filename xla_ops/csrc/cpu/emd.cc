@@ -1,12 +1,14 @@
 // Approximate EMD on CPU: approx_match (the multi-scale soft auction of the original GPU kernel,
 // metric/tf_approxmatch_g.cu), match_cost and match_cost_grad. float32 throughout, like the GPU kernel.
 //
-// Parallelism and determinism: approx_match is 10 rounds of 3 passes (ratioL over xyz1, ratioR over xyz2,
-// match/remainL over xyz1) on Morton-sorted copies of the clouds; each pass is split into fixed blocks of
-// kMatchBlock points. With >= 1 batch item per thread every task runs one item's rounds; otherwise the
-// blocks of each pass run on XLA's intra-op pool and the calling thread with a barrier between passes.
-// Either way every output element is computed by exactly one thread in the same fixed order, so results do
-// not depend on the thread count or the batch size. Memory: O(B * (n + m)) besides the [B, m, n] output.
+// approx_match evaluates the original's 10 rounds x 3 passes as one sweep over the rows (xyz2 points) per
+// round against the Morton-sorted xyz1 columns, with culling (see "approx_match" below). Parallelism and
+// determinism: the rows are split into fixed blocks (depending on m only), each with its own column sums
+// that a combine step adds up in block order. With >= 1 batch item per thread every task runs one item's
+// phases; otherwise each phase's tasks of all items run on XLA's intra-op pool and the calling thread with a
+// barrier between phases. Either way every value is computed by one thread in the same fixed order, so
+// results do not depend on the thread count or the batch size. Memory: O(B * (n + m)) besides the
+// [B, m, n] output (the per-block column sums are at most 2 * 32 * n floats per item).
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -20,6 +22,9 @@
 
 #if defined(__SSE__)
 #include <xmmintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 // The hot loops are compiled twice (AVX2+FMA and baseline x86-64) and picked at load time. They need
@@ -40,8 +45,7 @@ namespace {
 constexpr const char* kMatchOp = "xla_ops_approx_match";
 constexpr const char* kCostOp = "xla_ops_match_cost";
 constexpr const char* kCostGradOp = "xla_ops_match_cost_grad";
-constexpr int64_t kBlock = 256;      // points per match_cost work item (fixed: independent of the thread count)
-constexpr int64_t kMatchBlock = 128; // points per approx_match work item (small: finer culling, see OutOfReach)
+constexpr int64_t kBlock = 256;  // points per match_cost work item (fixed: independent of the thread count)
 constexpr int kRounds = 10;      // j = 7, 6, ..., -2
 
 // Runs fn(item) for every item in [0, count) on the pool and on the calling thread, and returns when all
@@ -89,27 +93,43 @@ inline To BitCast(From v) {
   return out;
 }
 
-// exp(x) for x <= 0 in float32, branch-free so that the loops vectorise: Cephes expf (range reduction by
-// ln 2, degree-5 polynomial, ~1 ulp). Results below 2^-125 (x < -87) are flushed to 0 instead of becoming
-// denormals; NaN stays NaN.
-inline float ExpNonPositive(float x) {
+// 8 float lanes as a GCC vector: AVX in the x86-64-v3 clones, two SSE halves in the default ones.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+#define XLA_OPS_INLINE __attribute__((always_inline)) inline
+template <typename T>
+XLA_OPS_INLINE T Load(const float* p) {
+  T v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+XLA_OPS_INLINE void Store(float* p, f32x8 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+XLA_OPS_INLINE f32x8 Broadcast(float v) { return f32x8{} + v; }
+XLA_OPS_INLINE f32x8 Select(i32x8 mask, f32x8 a, f32x8 b) {
+  return reinterpret_cast<f32x8>((reinterpret_cast<i32x8>(a) & mask) | (reinterpret_cast<i32x8>(b) & ~mask));
+}
+
+// exp(x) for x <= 0 in float32, 8 lanes: Cephes expf (range reduction by ln 2, degree-5 polynomial, ~1 ulp).
+// Results below 2^-125 (x < -87) are flushed to 0 instead of becoming denormals; NaN stays NaN.
+XLA_OPS_INLINE f32x8 ExpNonPositive(f32x8 x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float t = xc * kLog2e + kRound;
-  const float nf = t - kRound;
-  const float r = (xc - nf * kLn2Hi) - nf * kLn2Lo;
-  float p = 1.9875691500e-4f;
+  const i32x8 tiny = x < -87.0f;
+  const f32x8 xc = Select(tiny, Broadcast(-87.0f), x);
+  const f32x8 t = xc * kLog2e + kRound;
+  const f32x8 nf = t - kRound;
+  const f32x8 r = (xc - nf * kLn2Hi) - nf * kLn2Lo;
+  f32x8 p = Broadcast(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const int32_t e = BitCast<int32_t>(t) - BitCast<int32_t>(kRound);
-  const float y = p * BitCast<float>((e + 127) << 23);
-  return x < -87.0f ? 0.0f : y;
+  const i32x8 e = reinterpret_cast<i32x8>(t) - BitCast<int32_t>(kRound);
+  const f32x8 y = p * reinterpret_cast<f32x8>((e + 127) << 23);
+  return Select(tiny, f32x8{}, y);
 }
 
 // Sets flush-to-zero and denormals-are-zero for the current thread while alive: the tiny products of the
@@ -185,176 +205,238 @@ std::vector<int32_t> MortonOrder(const float* xyz, int64_t count) {
   return order;
 }
 
-// Rewrites one example's match, computed with rows/columns in sorted order, into the original order in
-// place (O(n + m) extra memory): row lp, column kp go to row order2[lp], column order1[kp].
-void UnsortColumns(float* row, const int32_t* order1, int64_t n) {
-  std::vector<float> tmp(n);
-  for (int64_t k = 0; k < n; ++k) tmp[order1[k]] = row[k];
-  std::copy(tmp.begin(), tmp.end(), row);
+// ---- approx_match ----------------------------------------------------------------------------------
+// Round r of the original (level L_r = -4^(7-r) for r < 9, L_9 = 0) is three passes over all pairs with
+// e = exp(L_r d^2), d^2 = ||xyz1[k] - xyz2[l]||^2:
+//   1. ratio_l[k] = remain_l[k] / (1e-9 + sum_l e remain_r[l])
+//   2. s_l = remain_r[l] sum_k e ratio_l[k]; ratio_r[l] = min(remain_r[l] / (s_l + 1e-9), 1) remain_r[l];
+//      remain_r[l] = max(0, remain_r[l] - s_l)
+//   3. match[l, k] += w = e ratio_l[k] ratio_r[l]; remain_l[k] = max(0, remain_l[k] - sum_l w)
+// Here one sweep over the rows l (xyz2 points) does passes 2 and 3 of round r and the sums of pass 1 of
+// round r + 1 with one exponential per pair: e' = exp(L_{r+1} d^2) and e = (e'^2)^2, since L_r = 4 L_{r+1}.
+// For row l it computes e' over the columns into a row buffer while summing s_l (pass 2 needs only
+// ratio_l, known from the round before), then adds w to match row l and to the pass-3 column sums, and
+// e' * (new remain_r[l]) to the pass-1 column sums of round r + 1. The rows are split into fixed blocks,
+// each with its own column sums, which a combine step adds up per column in block order (-> remain_l,
+// ratio_l of round r + 1). Round 0's pass 1 is a sweep of its own. Round 8 (L_8 = -1/4) evaluates
+// exp(L_8 d^2) directly: round 9 has level 0, where every weight is exactly 1, so its pass-1 and pass-2 sums
+// are one scalar sum each (the same for every column / row) and its pass 3, an outer product, is added
+// while the columns are put back into the original order. In all 10 exponentials per pair instead of 30.
+//
+// Culling: xyz1 is sorted along a Morton curve and cut into sub-blocks of kSub columns. A sweep skips a
+// sub-block for row l when level * (squared distance from xyz2[l] to the bounding box of the sub-block's
+// columns with remain_l > 0) < -88, level being the sweep's exponent level (L_{r+1}, the coarser one).
+// ExpNonPositive flushes exponents below -87 to 0, so the skipped e' are exactly 0 and so are e = e'^4
+// (1% margin for rounding). Rows with remain_r = 0 (most of them after a few rounds) contribute exactly 0
+// and are skipped; columns with remain_l = 0 have ratio_l = 0 and need no pass-1 sum.
+//
+// Rounding differences from evaluating the three passes literally (all within float rounding of the
+// algorithm): e = (e'^2)^2 carries ~4x the relative error of e' (a few ulp); the pass-2 sums run in 8
+// interleaved lanes and the column sums per row block, then over blocks; with flush-to-zero e'^4 becomes 0
+// below 2^-126 (exponents < -87.3) where ExpNonPositive(L_r d^2) gave 0 below -87.
+constexpr int64_t kSub = 16;           // columns per culling sub-block
+constexpr int64_t kLanes = 8;          // interleaved partial sums of the pass-2 dot products (fixed)
+constexpr int64_t kMinRowBlock = 128;  // rows per sweep task, at least
+constexpr int64_t kMaxRowBlocks = 32;  // bounds the per-block column sums to 32 * 2 * n floats per item
+constexpr int64_t kColChunk = 256;     // columns per combine task (a multiple of kSub)
+constexpr float kReach = -88.0f;
+
+float Level(int round) { return round >= kRounds - 1 ? 0.0f : -std::ldexp(1.0f, 2 * (7 - round)); }
+
+enum class SweepKind {
+  kFirstRatio,  // pass 1 of round 0 only
+  kFused,       // passes 2, 3 of round r < 8 and the pass-1 sums of round r + 1
+  kLast,        // passes 2, 3 of round 8 (round 9's pass 1 is a scalar sum)
+};
+
+// One item's sorted clouds and state as a sweep sees them. Column arrays are padded to np (a multiple of
+// kSub) with remain_l = ratio_l = 0 and coordinates 0.
+struct SweepData {
+  const float *x1, *y1, *z1, *ratio_l;
+  const float* box;  // [6, subs8]: lo x, y, z, hi x, y, z of each sub-block's columns with remain_l > 0
+  int64_t n, np, subs8;
+  const float *x2, *y2, *z2;
+  float* remain_r;
+  float* match;       // the item's [m, n] output (columns in sorted order until FinishRows)
+  float level;        // passes 2 and 3 (kFirstRatio: pass 1)
+  float level_next;   // pass 1 of the next round (kFused)
+  bool first_write;   // the rows hold garbage: write them whole
+};
+
+// Merges the sub-blocks with box_d2 <= max_d2 into ranges [ranges[2i], ranges[2i + 1]) of columns; returns
+// their number. level * d2 < -88 <=> d2 > 88 / -level exactly, the levels being powers of 2.
+int64_t ReachableRanges(const float* box_d2, int64_t subs, float max_d2, int32_t* ranges) {
+  int64_t num = 0;
+  for (int64_t t = 0; t < subs; ++t) {
+    if (!(box_d2[t] <= max_d2)) continue;  // an empty box is at +inf
+    if (num > 0 && ranges[2 * num - 1] == t * kSub) {
+      ranges[2 * num - 1] += kSub;
+    } else {
+      ranges[2 * num] = static_cast<int32_t>(t * kSub);
+      ranges[2 * num + 1] = static_cast<int32_t>((t + 1) * kSub);
+      ++num;
+    }
+  }
+  return num;
 }
 
-void UnsortRows(float* match, const int32_t* order2, int64_t m, int64_t n) {
-  std::vector<int32_t> sorted_pos(m);
-  for (int64_t l = 0; l < m; ++l) sorted_pos[order2[l]] = static_cast<int32_t>(l);
-  std::vector<char> placed(m, 0);
-  std::vector<float> tmp(n);
-  for (int64_t start = 0; start < m; ++start) {  // follow each permutation cycle once
-    if (placed[start]) continue;
-    std::copy(match + start * n, match + (start + 1) * n, tmp.begin());
-    for (int64_t p = start;;) {
-      placed[p] = 1;
-      const int64_t q = sorted_pos[p];  // the sorted row that belongs at original row p
-      if (q == start) {
-        std::copy(tmp.begin(), tmp.end(), match + p * n);
-        break;
+// Adds sum_k exp(level d_kl^2) * weight over the ranges to sum_a[k] (pass 1).
+XLA_OPS_INLINE void AddPassOne(const float* x1, const float* y1, const float* z1, float x, float y, float z,
+                               const int32_t* ranges, int64_t num, float level, float weight, float* sum_a) {
+  const f32x8 lv = Broadcast(level), wv = Broadcast(weight);
+  for (int64_t i = 0; i < num; ++i)
+    for (int64_t k = ranges[2 * i]; k < ranges[2 * i + 1]; k += kLanes) {
+      const f32x8 dx = Load<f32x8>(x1 + k) - x, dy = Load<f32x8>(y1 + k) - y, dz = Load<f32x8>(z1 + k) - z;
+      Store(sum_a + k, Load<f32x8>(sum_a + k) + ExpNonPositive(lv * (dx * dx + dy * dy + dz * dz)) * wv);
+    }
+}
+
+// Rows [l_begin, l_end) of one item. sum_a, sum_c [np]: this block's pass-1 and pass-3 column sums.
+XLA_OPS_SIMD_CLONES
+void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_end, float* sum_a, float* sum_c) {
+  FlushDenormals ftz;
+  const int64_t n = d.n, np = d.np, subs = np / kSub, subs8 = d.subs8;
+  std::vector<float> e_row(np), box_d2(subs8);
+  std::vector<int32_t> ranges(2 * subs), ranges_next(2 * subs);
+  for (int64_t k = 0; k < np; ++k) sum_a[k] = sum_c[k] = 0.0f;
+  const float *x1 = d.x1, *y1 = d.y1, *z1 = d.z1, *rl = d.ratio_l;
+  const float max_d2 = 88.0f / -d.level;
+  const float max_d2_next = kind == SweepKind::kFused ? 88.0f / -d.level_next : 0.0f;
+  for (int64_t l = l_begin; l < l_end; ++l) {
+    float* row = d.match + l * n;
+    const float rem = d.remain_r[l];
+    if (rem == 0.0f) {
+      if (d.first_write) std::fill(row, row + n, 0.0f);
+      continue;
+    }
+    const float x = d.x2[l], y = d.y2[l], z = d.z2[l];
+    for (int64_t t = 0; t < subs8; t += kLanes) {  // squared distances from (x, y, z) to the boxes
+      const f32x8 zero{};
+      f32x8 dx = Load<f32x8>(d.box + t) - x, dy = Load<f32x8>(d.box + subs8 + t) - y;
+      f32x8 dz = Load<f32x8>(d.box + 2 * subs8 + t) - z;
+      const f32x8 ex = x - Load<f32x8>(d.box + 3 * subs8 + t), ey = y - Load<f32x8>(d.box + 4 * subs8 + t);
+      const f32x8 ez = z - Load<f32x8>(d.box + 5 * subs8 + t);
+      dx = Select(dx < ex, ex, dx), dy = Select(dy < ey, ey, dy), dz = Select(dz < ez, ez, dz);
+      dx = Select(dx < zero, zero, dx), dy = Select(dy < zero, zero, dy), dz = Select(dz < zero, zero, dz);
+      Store(&box_d2[t], dx * dx + dy * dy + dz * dz);
+    }
+    const int64_t num = ReachableRanges(box_d2.data(), subs, max_d2, ranges.data());
+    if (kind == SweepKind::kFirstRatio) {
+      AddPassOne(x1, y1, z1, x, y, z, ranges.data(), num, d.level, rem, sum_a);
+      continue;
+    }
+    for (int64_t i = 0; i < num; ++i)  // the row is read and written after pass 2's exponentials
+      for (int64_t k = ranges[2 * i]; k < std::min<int64_t>(ranges[2 * i + 1], n); k += 64 / sizeof(float))
+        __builtin_prefetch(row + k, 1);
+    // Pass 2 (padded columns have ratio_l = 0), e kept for pass 3.
+    const f32x8 lv = Broadcast(d.level);
+    f32x8 acc{};
+    for (int64_t i = 0; i < num; ++i)
+      for (int64_t k = ranges[2 * i]; k < ranges[2 * i + 1]; k += kLanes) {
+        const f32x8 dx = Load<f32x8>(x1 + k) - x, dy = Load<f32x8>(y1 + k) - y, dz = Load<f32x8>(z1 + k) - z;
+        const f32x8 e = ExpNonPositive(lv * (dx * dx + dy * dy + dz * dz));
+        Store(&e_row[k], e);
+        acc += e * Load<f32x8>(rl + k);
       }
-      std::copy(match + q * n, match + (q + 1) * n, match + p * n);
-      p = q;
+    float sum = 0.0f;
+    for (int64_t j = 0; j < kLanes; ++j) sum += acc[j];
+    const float s = sum * rem;
+    const float rr = Min(rem / (s + 1e-9f), 1.0f) * rem;
+    const float rem_next = Max(0.0f, rem - s);
+    d.remain_r[l] = rem_next;
+    // Pass 3.
+    int64_t written = 0;
+    for (int64_t i = 0; i < num; ++i) {
+      const int64_t begin = ranges[2 * i], end = ranges[2 * i + 1];
+      if (d.first_write) std::fill(row + written, row + begin, 0.0f);
+      for (int64_t k = begin; k < end; k += kLanes) {
+        const f32x8 w = Load<f32x8>(&e_row[k]) * Load<f32x8>(rl + k) * rr;
+        Store(sum_c + k, Load<f32x8>(sum_c + k) + w);
+        if (k + kLanes <= n) {
+          Store(row + k, d.first_write ? w : Load<f32x8>(row + k) + w);
+        } else {
+          for (int64_t j = 0; k + j < n; ++j) row[k + j] = (d.first_write ? 0.0f : row[k + j]) + w[j];
+        }
+      }
+      written = std::min(end, n);
+    }
+    if (d.first_write) std::fill(row + written, row + n, 0.0f);
+    // Pass 1 of the next round (rows emptied this round add exactly 0).
+    if (kind == SweepKind::kFused && rem_next > 0.0f) {
+      const int64_t num_next = ReachableRanges(box_d2.data(), subs, max_d2_next, ranges_next.data());
+      AddPassOne(x1, y1, z1, x, y, z, ranges_next.data(), num_next, d.level_next, rem_next, sum_a);
     }
   }
 }
 
-// ---- approx_match passes (one block of points of one batch item each) ----------------------------------
-// Culling: exp(level * d^2) is exactly 0 (ExpNonPositive flushes below -87) for every pair of a point and a
-// block when level * (squared distance to the block's bounding box) < -88 (1% margin for rounding), so such
-// pairs are skipped without changing any result. Blocks of sorted points are compact, so in the sharp early
-// rounds most pairs are skipped.
-struct Box {
-  float lo[3], hi[3];
-};
-
-inline Box BoundingBox(const float* x, const float* y, const float* z, int64_t count) {
-  Box b{{x[0], y[0], z[0]}, {x[0], y[0], z[0]}};
-  for (int64_t i = 1; i < count; ++i) {
-    b.lo[0] = Min(b.lo[0], x[i]), b.hi[0] = Max(b.hi[0], x[i]);
-    b.lo[1] = Min(b.lo[1], y[i]), b.hi[1] = Max(b.hi[1], y[i]);
-    b.lo[2] = Min(b.lo[2], z[i]), b.hi[2] = Max(b.hi[2], z[i]);
-  }
-  return b;
-}
-
-inline bool OutOfReach(const Box& b, float x, float y, float z, float level) {
-  const float dx = Max(Max(b.lo[0] - x, x - b.hi[0]), 0.0f);
-  const float dy = Max(Max(b.lo[1] - y, y - b.hi[1]), 0.0f);
-  const float dz = Max(Max(b.lo[2] - z, z - b.hi[2]), 0.0f);
-  return level * (dx * dx + dy * dy + dz * dz) < -88.0f;
-}
-
-// The bounding boxes of a block and of its sub-blocks of kSubBlock points (two-level culling).
-constexpr int64_t kSubBlock = 32;
-struct BlockBoxes {
-  Box whole;
-  Box sub[kMatchBlock / kSubBlock];
-  int64_t count, num_sub;
-  BlockBoxes(const float* x, const float* y, const float* z, int64_t count_)
-      : count(count_), num_sub((count_ + kSubBlock - 1) / kSubBlock) {
-    for (int64_t s = 0; s < num_sub; ++s) {
-      const int64_t begin = s * kSubBlock;
-      sub[s] = BoundingBox(x + begin, y + begin, z + begin, std::min(kSubBlock, count - begin));
+// Bounding boxes of the columns with remain_l > 0 in sub-blocks [t_begin, t_end) (empty: lo = +inf,
+// hi = -inf).
+void ColumnBoxes(const float* x1, const float* y1, const float* z1, const float* remain_l, int64_t t_begin,
+                 int64_t t_end, int64_t subs, float* box) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    float lo[3] = {kInf, kInf, kInf}, hi[3] = {-kInf, -kInf, -kInf};
+    for (int64_t k = t * kSub; k < (t + 1) * kSub; ++k) {
+      if (!(remain_l[k] > 0.0f)) continue;
+      lo[0] = Min(lo[0], x1[k]), hi[0] = Max(hi[0], x1[k]);
+      lo[1] = Min(lo[1], y1[k]), hi[1] = Max(hi[1], y1[k]);
+      lo[2] = Min(lo[2], z1[k]), hi[2] = Max(hi[2], z1[k]);
     }
-    whole = count > 0 ? BoundingBox(x, y, z, count) : Box{};
-  }
-  // Calls fn(begin, end) for the sub-block ranges that (x, y, z) can reach at this level.
-  template <typename Fn>
-  void ForReachable(float x, float y, float z, float level, Fn fn) const {
-    if (OutOfReach(whole, x, y, z, level)) return;
-    for (int64_t s = 0; s < num_sub; ++s)
-      if (!OutOfReach(sub[s], x, y, z, level)) fn(s * kSubBlock, std::min(count, (s + 1) * kSubBlock));
-  }
-};
-
-// Pass 1: ratio_l[k] = remain_l[k] / (1e-9 + sum_l exp(level d_kl) remain_r[l]) for the block's k. Points
-// with remain_l == 0 get ratio 0 without the sum, and rows with remain_r == 0 add exactly 0, so both are
-// skipped (the inputs are finite).
-XLA_OPS_SIMD_CLONES
-void RatioLeft(const float* px, const float* py, const float* pz, int64_t count, const float* qx,
-               const float* qy, const float* qz, const float* remain_r, int64_t m, float level,
-               const float* remain_l, float* ratio_l) {
-  FlushDenormals ftz;
-  float acc[kMatchBlock], x1[kMatchBlock], y1[kMatchBlock], z1[kMatchBlock];
-  int64_t slot[kMatchBlock];
-  int64_t active = 0;
-  for (int64_t k = 0; k < count; ++k) {
-    ratio_l[k] = 0.0f;
-    if (remain_l[k] == 0.0f) continue;
-    x1[active] = px[k], y1[active] = py[k], z1[active] = pz[k], slot[active] = k;
-    acc[active++] = 1e-9f;
-  }
-  if (active == 0) return;
-  const BlockBoxes boxes(x1, y1, z1, active);
-  for (int64_t l = 0; l < m; ++l) {
-    const float r = remain_r[l];
-    if (r == 0.0f) continue;
-    const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
-    boxes.ForReachable(x2, y2, z2, level, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k)
-        acc[k] += ExpNonPositive(level * SqDist(x1[k], y1[k], z1[k], x2, y2, z2)) * r;
-    });
-  }
-  for (int64_t k = 0; k < active; ++k) ratio_l[slot[k]] = remain_l[slot[k]] / acc[k];
-}
-
-// Pass 2: for the block's l, s = remain_r[l] * sum_k exp(level d_kl) ratio_l[k]; ratio_r[l] =
-// min(remain_r[l] / (s + 1e-9), 1) * remain_r[l]; remain_r[l] = max(0, remain_r[l] - s). Points with
-// remain_r == 0 keep it and get ratio 0 without the sum; columns with ratio_l == 0 add exactly 0.
-XLA_OPS_SIMD_CLONES
-void RatioRight(const float* qx, const float* qy, const float* qz, int64_t count, const float* px,
-                const float* py, const float* pz, const float* ratio_l, int64_t n, float level,
-                float* remain_r, float* ratio_r) {
-  FlushDenormals ftz;
-  float acc[kMatchBlock], x2[kMatchBlock], y2[kMatchBlock], z2[kMatchBlock];
-  int64_t slot[kMatchBlock];
-  int64_t active = 0;
-  for (int64_t l = 0; l < count; ++l) {
-    ratio_r[l] = 0.0f;
-    if (remain_r[l] == 0.0f) continue;
-    x2[active] = qx[l], y2[active] = qy[l], z2[active] = qz[l], slot[active] = l;
-    acc[active++] = 0.0f;
-  }
-  if (active == 0) return;
-  const BlockBoxes boxes(x2, y2, z2, active);
-  for (int64_t k = 0; k < n; ++k) {
-    const float rl = ratio_l[k];
-    if (rl == 0.0f) continue;
-    const float x1 = px[k], y1 = py[k], z1 = pz[k];
-    boxes.ForReachable(x1, y1, z1, level, [&](int64_t begin, int64_t end) {
-      for (int64_t l = begin; l < end; ++l)
-        acc[l] += ExpNonPositive(level * SqDist(x1, y1, z1, x2[l], y2[l], z2[l])) * rl;
-    });
-  }
-  for (int64_t i = 0; i < active; ++i) {
-    const int64_t l = slot[i];
-    const float remain = remain_r[l];
-    const float s = acc[i] * remain;
-    ratio_r[l] = Min(remain / (s + 1e-9f), 1.0f) * remain;
-    remain_r[l] = Max(0.0f, remain - s);
+    for (int c = 0; c < 3; ++c) box[c * subs + t] = lo[c], box[(3 + c) * subs + t] = hi[c];
   }
 }
 
-// Pass 3: match[l, k] += w = exp(level d_kl) ratio_l[k] ratio_r[l]; remain_l[k] = max(0, remain_l[k] - sum_l w)
-// for the block's k. `match` points at column k0 of row 0 (row stride n).
+// After a sweep, for columns [k_begin, k_end): remain_l -= the pass-3 sums (not after kFirstRatio) and
+// ratio_l = remain_l / (1e-9 + pass-1 sum), the block sums added in block order (after kLast the pass-1
+// sum is `level0_sum`, 1e-9 + sum of remain_r, the same for every column).
 XLA_OPS_SIMD_CLONES
-void UpdateMatch(const float* px, const float* py, const float* pz, int64_t count, const float* qx,
-                 const float* qy, const float* qz, const float* ratio_r, int64_t m, float level,
-                 const float* ratio_l, float* remain_l, float* match, int64_t n) {
+void CombineColumns(SweepKind kind, int64_t k_begin, int64_t k_end, int64_t blocks, int64_t np,
+                    const float* sum_a, const float* sum_c, float level0_sum, float* remain_l, float* ratio_l) {
   FlushDenormals ftz;
-  float acc[kMatchBlock];
-  for (int64_t k = 0; k < count; ++k) acc[k] = 0.0f;
-  const BlockBoxes boxes(px, py, pz, count);
-  for (int64_t l = 0; l < m; ++l) {
-    const float rr = ratio_r[l];
-    if (rr == 0.0f) continue;
-    const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    float remain = remain_l[k];
+    if (kind != SweepKind::kFirstRatio) {
+      float c = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) c += sum_c[b * np + k];
+      remain = Max(0.0f, remain - c);
+      remain_l[k] = remain;
+    }
+    float a = level0_sum;
+    if (kind != SweepKind::kLast) {
+      a = 1e-9f;
+      for (int64_t b = 0; b < blocks; ++b) a += sum_a[b * np + k];
+    }
+    ratio_l[k] = remain > 0.0f ? remain / a : 0.0f;
+  }
+}
+
+// Round 9's pass 3 for rows [l_begin, l_end) while their columns go from sorted to original order (column j
+// is sorted column pos1[j]): match[l, j] = match[l, k] + ratio_l[k] * ratio_r[l] with k = pos1[j].
+void FinishRows(const float* ratio_l, const float* ratio_r, const int32_t* pos1, int64_t l_begin, int64_t l_end,
+                int64_t n, float* match) {
+  FlushDenormals ftz;
+  std::vector<float> sorted(n);
+  for (int64_t l = l_begin; l < l_end; ++l) {
     float* row = match + l * n;
-    boxes.ForReachable(x2, y2, z2, level, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const float w = ExpNonPositive(level * SqDist(px[k], py[k], pz[k], x2, y2, z2)) * ratio_l[k] * rr;
-        row[k] += w;
-        acc[k] += w;
-      }
-    });
+    std::copy(row, row + n, sorted.begin());
+    const float rr = ratio_r[l];
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t k = pos1[j];
+      row[j] = sorted[k] + ratio_l[k] * rr;
+    }
   }
-  for (int64_t k = 0; k < count; ++k) remain_l[k] = Max(0.0f, remain_l[k] - acc[k]);
+}
+
+// Asks Linux for transparent huge pages on the 2 MiB pages inside [data, data + bytes) (a hint, no effect
+// where THP is off or the range is smaller). XLA hands a freshly mapped output to each call; faulting it in
+// 4 KiB pages costs more than approx_match's arithmetic at 1k points.
+void AdviseHugePages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
 }
 
 bool AllFinite(const float* v, int64_t count) {
@@ -392,93 +474,127 @@ ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBu
   const float* p1 = xyz1.typed_data<float>();
   const float* p2 = xyz2.typed_data<float>();
   float* out = match->typed_data<float>();
+  AdviseHugePages(out, static_cast<size_t>(nb * m * n) * sizeof(float));
 
-  // Points sorted along a Morton curve per example (see OutOfReach); match is computed in that order and
-  // put back into the original order at the end.
-  std::vector<int32_t> order1(nb * n), order2(nb * m);
-  std::vector<float> sorted1(nb * n * 3), sorted2(nb * m * 3);
-  auto sort_cloud = [](const float* xyz, int64_t count, int32_t* order, float* sorted) {
-    const std::vector<int32_t> o = MortonOrder(xyz, count);
-    for (int64_t i = 0; i < count; ++i) {
-      order[i] = o[i];
-      for (int c = 0; c < 3; ++c) sorted[3 * i + c] = xyz[3 * o[i] + c];
-    }
-  };
-  for (int64_t i = 0; i < nb; ++i) {
-    sort_cloud(p1 + i * n * 3, n, &order1[i * n], &sorted1[i * n * 3]);
-    sort_cloud(p2 + i * m * 3, m, &order2[i * m], &sorted2[i * m * 3]);
-  }
-  const Soa a(sorted1.data(), nb * n), b(sorted2.data(), nb * m);
+  // Fixed decomposition (depends on n and m only): rows in row_blocks blocks, columns padded to np.
+  const int64_t np = (n + kSub - 1) / kSub * kSub, subs = np / kSub, subs8 = (subs + kLanes - 1) / kLanes * kLanes;
+  const int64_t rows_per_block = std::max(kMinRowBlock, (m + kMaxRowBlocks - 1) / kMaxRowBlocks);
+  const int64_t row_blocks = (m + rows_per_block - 1) / rows_per_block;
+  const int64_t col_chunks = (np + kColChunk - 1) / kColChunk;
   const float mass_l = n >= m ? 1.0f : static_cast<float>(m / n);
   const float mass_r = n >= m ? static_cast<float>(n / m) : 1.0f;
-  std::vector<float> remain_l(nb * n, mass_l), ratio_l(nb * n), remain_r(nb * m, mass_r), ratio_r(nb * m);
+
+  std::vector<float> x1(nb * np), y1(nb * np), z1(nb * np), remain_l(nb * np), ratio_l(nb * np);
+  std::vector<float> x2(nb * m), y2(nb * m), z2(nb * m), remain_r(nb * m), ratio_r(nb * m);
+  std::vector<int32_t> pos1(nb * n);
+  std::vector<float> box(nb * 6 * subs8), sum_a(nb * row_blocks * np), sum_c(nb * row_blocks * np);
+  std::vector<float> level0_sum(nb);
   std::vector<char> finite(nb);
-  for (int64_t i = 0; i < nb; ++i)
-    finite[i] = AllFinite(p1 + i * n * 3, n * 3) && AllFinite(p2 + i * m * 3, m * 3);
 
-  const int64_t blocks_l = (n + kMatchBlock - 1) / kMatchBlock, blocks_r = (m + kMatchBlock - 1) / kMatchBlock;
-  auto level_of = [](int round) {
-    return round == kRounds - 1 ? 0.0f : -std::pow(4.0f, static_cast<float>(7 - round));
+  // Sorts item i's xyz1 along a Morton curve (xyz2 keeps its order) into the state above, or fills its match
+  // with NaN.
+  auto prepare = [&](int64_t i, int64_t) {
+    const float* a = p1 + i * n * 3;
+    const float* b = p2 + i * m * 3;
+    finite[i] = AllFinite(a, n * 3) && AllFinite(b, m * 3);
+    if (!finite[i]) {
+      std::fill(out + i * m * n, out + (i + 1) * m * n, std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
+    const std::vector<int32_t> o1 = MortonOrder(a, n);
+    for (int64_t k = 0; k < np; ++k) {
+      const int64_t at = i * np + k;
+      x1[at] = k < n ? a[3 * o1[k]] : 0.0f;
+      y1[at] = k < n ? a[3 * o1[k] + 1] : 0.0f;
+      z1[at] = k < n ? a[3 * o1[k] + 2] : 0.0f;
+      remain_l[at] = k < n ? mass_l : 0.0f;
+      if (k < n) pos1[i * n + o1[k]] = static_cast<int32_t>(k);
+    }
+    for (int64_t l = 0; l < m; ++l) {
+      x2[i * m + l] = b[3 * l], y2[i * m + l] = b[3 * l + 1], z2[i * m + l] = b[3 * l + 2];
+      remain_r[i * m + l] = mass_r;
+    }
+    float* item_box = &box[i * 6 * subs8];  // padding sub-blocks keep an empty box
+    std::fill(item_box, item_box + 3 * subs8, std::numeric_limits<float>::infinity());
+    std::fill(item_box + 3 * subs8, item_box + 6 * subs8, -std::numeric_limits<float>::infinity());
+    ColumnBoxes(&x1[i * np], &y1[i * np], &z1[i * np], &remain_l[i * np], 0, subs, subs8, item_box);
   };
-  // The three passes of one round for one block of batch item i.
-  auto ratio_left = [&](int64_t i, int64_t block, float level) {
-    const int64_t k0 = block * kMatchBlock, o1 = i * n + k0, o2 = i * m;
-    RatioLeft(&a.x[o1], &a.y[o1], &a.z[o1], std::min(kMatchBlock, n - k0), &b.x[o2], &b.y[o2], &b.z[o2],
-              &remain_r[o2], m, level, &remain_l[o1], &ratio_l[o1]);
+  auto sweep = [&](SweepKind kind, int round) {
+    const float level = Level(round), level_next = Level(round + 1);  // kFirstRatio: round 0
+    const bool first_write = kind == SweepKind::kFused && round == 0;
+    return [&, kind, level, level_next, first_write](int64_t i, int64_t block) {
+      if (!finite[i]) return;
+      const SweepData d{&x1[i * np], &y1[i * np], &z1[i * np], &ratio_l[i * np], &box[i * 6 * subs8], n, np,
+                        subs8, &x2[i * m], &y2[i * m], &z2[i * m], &remain_r[i * m], out + i * m * n, level,
+                        level_next, first_write};
+      const int64_t begin = block * rows_per_block, end = std::min(m, begin + rows_per_block);
+      const int64_t sums = (i * row_blocks + block) * np;
+      SweepRows(d, kind, begin, end, &sum_a[sums], &sum_c[sums]);
+    };
   };
-  auto ratio_right = [&](int64_t i, int64_t block, float level) {
-    const int64_t l0 = block * kMatchBlock, o2 = i * m + l0, o1 = i * n;
-    RatioRight(&b.x[o2], &b.y[o2], &b.z[o2], std::min(kMatchBlock, m - l0), &a.x[o1], &a.y[o1], &a.z[o1],
-               &ratio_l[o1], n, level, &remain_r[o2], &ratio_r[o2]);
+  auto combine = [&](SweepKind kind) {
+    return [&, kind](int64_t i, int64_t chunk) {
+      if (!finite[i]) return;
+      const int64_t begin = chunk * kColChunk, end = std::min(np, begin + kColChunk);
+      CombineColumns(kind, begin, end, row_blocks, np, &sum_a[i * row_blocks * np], &sum_c[i * row_blocks * np],
+                     level0_sum[i], &remain_l[i * np], &ratio_l[i * np]);
+      ColumnBoxes(&x1[i * np], &y1[i * np], &z1[i * np], &remain_l[i * np], begin / kSub, end / kSub, subs8,
+                  &box[i * 6 * subs8]);
+    };
   };
-  auto update_match = [&](int64_t i, int64_t block, float level) {
-    const int64_t k0 = block * kMatchBlock, o1 = i * n + k0, o2 = i * m;
-    UpdateMatch(&a.x[o1], &a.y[o1], &a.z[o1], std::min(kMatchBlock, n - k0), &b.x[o2], &b.y[o2], &b.z[o2],
-                &ratio_r[o2], m, level, &ratio_l[o1], &remain_l[o1], out + i * m * n + k0, n);
+  auto sum_remain_r = [&](int64_t i, int64_t) {  // round 9's pass-1 sum (in row order, from 1e-9)
+    if (!finite[i]) return;
+    FlushDenormals ftz;
+    float s = 1e-9f;
+    for (int64_t l = 0; l < m; ++l) s += remain_r[i * m + l];
+    level0_sum[i] = s;
   };
-  auto init_item = [&](int64_t i) {  // zeros, or NaN for an example with a non-finite coordinate
-    std::fill(out + i * m * n, out + (i + 1) * m * n, finite[i] ? 0.0f : std::numeric_limits<float>::quiet_NaN());
+  auto last_ratio_r = [&](int64_t i, int64_t) {  // round 9's pass 2: the same column sum for every row
+    if (!finite[i]) return;
+    FlushDenormals ftz;
+    float t = 0.0f;
+    for (int64_t k = 0; k < n; ++k) t += ratio_l[i * np + k];
+    for (int64_t l = 0; l < m; ++l) {
+      const float remain = remain_r[i * m + l];
+      ratio_r[i * m + l] = remain == 0.0f ? 0.0f : Min(remain / (t * remain + 1e-9f), 1.0f) * remain;
+    }
+  };
+  auto finish = [&](int64_t i, int64_t block) {
+    if (!finite[i]) return;
+    const int64_t begin = block * rows_per_block, end = std::min(m, begin + rows_per_block);
+    FinishRows(&ratio_l[i * np], &ratio_r[i * m], &pos1[i * n], begin, end, n, out + i * m * n);
   };
 
-  // Two schedules with identical arithmetic (same blocks, same order within each output element): with at
-  // least one batch item per thread, one task per item runs all its rounds (no barriers: a pass over 1k
-  // points is shorter than the time a pool thread takes to wake up on a busy machine); otherwise every pass
-  // is split into blocks over all items, with a barrier between passes (B = 1 at 16k points).
+  // The phases in order, each a number of tasks per item. Two schedules with identical arithmetic: with at
+  // least one batch item per thread one task per item runs all phases (no barriers: a pass over 1k points
+  // is shorter than the time a pool thread takes to wake up on a busy machine); otherwise every phase runs
+  // its tasks of all items in parallel, with a barrier between phases (B = 1 at 16k points).
+  struct Phase {
+    int64_t tasks;
+    std::function<void(int64_t, int64_t)> fn;
+  };
+  std::vector<Phase> phases = {{1, prepare},
+                               {row_blocks, sweep(SweepKind::kFirstRatio, 0)},
+                               {col_chunks, combine(SweepKind::kFirstRatio)}};
+  for (int round = 0; round < kRounds - 1; ++round) {
+    const SweepKind kind = round < kRounds - 2 ? SweepKind::kFused : SweepKind::kLast;
+    phases.push_back({row_blocks, sweep(kind, round)});
+    if (kind == SweepKind::kLast) phases.push_back({1, sum_remain_r});
+    phases.push_back({col_chunks, combine(kind)});
+  }
+  phases.push_back({1, last_ratio_r});
+  phases.push_back({row_blocks, finish});
+
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (nb >= threads) {
     RunParallel(pool, nb, [&](int64_t i) {
-      init_item(i);
-      if (!finite[i]) return;
-      for (int round = 0; round < kRounds; ++round) {
-        const float level = level_of(round);
-        for (int64_t blk = 0; blk < blocks_l; ++blk) ratio_left(i, blk, level);
-        for (int64_t blk = 0; blk < blocks_r; ++blk) ratio_right(i, blk, level);
-        for (int64_t blk = 0; blk < blocks_l; ++blk) update_match(i, blk, level);
-      }
-      for (int64_t l = 0; l < m; ++l) UnsortColumns(out + (i * m + l) * n, &order1[i * n], n);
-      UnsortRows(out + i * m * n, &order2[i * m], m, n);
+      for (const Phase& phase : phases)
+        for (int64_t t = 0; t < phase.tasks; ++t) phase.fn(i, t);
     });
-    return ffi::Error::Success();
+  } else {
+    for (const Phase& phase : phases)
+      RunParallel(pool, nb * phase.tasks, [&](int64_t t) { phase.fn(t / phase.tasks, t % phase.tasks); });
   }
-  RunParallel(pool, nb, init_item);
-  for (int round = 0; round < kRounds; ++round) {
-    const float level = level_of(round);
-    RunParallel(pool, nb * blocks_l, [&](int64_t item) {
-      if (finite[item / blocks_l]) ratio_left(item / blocks_l, item % blocks_l, level);
-    });
-    RunParallel(pool, nb * blocks_r, [&](int64_t item) {
-      if (finite[item / blocks_r]) ratio_right(item / blocks_r, item % blocks_r, level);
-    });
-    RunParallel(pool, nb * blocks_l, [&](int64_t item) {
-      if (finite[item / blocks_l]) update_match(item / blocks_l, item % blocks_l, level);
-    });
-  }
-  RunParallel(pool, nb * m, [&](int64_t row) {
-    if (finite[row / m]) UnsortColumns(out + row * n, &order1[(row / m) * n], n);
-  });
-  RunParallel(pool, nb, [&](int64_t i) {
-    if (finite[i]) UnsortRows(out + i * m * n, &order2[i * m], m, n);
-  });
   return ffi::Error::Success();
 }
 
@@ -525,7 +641,6 @@ void CostColumns(const float* px, const float* py, const float* pz, int64_t coun
 XLA_OPS_SIMD_CLONES
 void GradRows(const float* qx, const float* qy, const float* qz, int64_t count, const float* px,
               const float* py, const float* pz, int64_t n, const float* match, float* grad2) {
-  constexpr int kLanes = 8;
   for (int64_t l = 0; l < count; ++l) {
     const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
     const float* row = match + l * n;
