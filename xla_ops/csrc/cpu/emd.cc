@@ -105,9 +105,7 @@ XLA_OPS_INLINE T Load(const float* p) {
 }
 XLA_OPS_INLINE void Store(float* p, f32x8 v) { __builtin_memcpy(p, &v, sizeof(v)); }
 XLA_OPS_INLINE f32x8 Broadcast(float v) { return f32x8{} + v; }
-XLA_OPS_INLINE f32x8 Select(i32x8 mask, f32x8 a, f32x8 b) {
-  return reinterpret_cast<f32x8>((reinterpret_cast<i32x8>(a) & mask) | (reinterpret_cast<i32x8>(b) & ~mask));
-}
+XLA_OPS_INLINE f32x8 MaxV(f32x8 a, f32x8 b) { return a < b ? b : a; }  // maxps: a if either is NaN
 
 // exp(x) for x <= 0 in float32, 8 lanes: Cephes expf (range reduction by ln 2, degree-5 polynomial, ~1 ulp).
 // Results below 2^-125 (x < -87) are flushed to 0 instead of becoming denormals; NaN stays NaN.
@@ -115,8 +113,7 @@ XLA_OPS_INLINE f32x8 ExpNonPositive(f32x8 x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const i32x8 tiny = x < -87.0f;
-  const f32x8 xc = Select(tiny, Broadcast(-87.0f), x);
+  const f32x8 xc = MaxV(x, Broadcast(-87.0f));
   const f32x8 t = xc * kLog2e + kRound;
   const f32x8 nf = t - kRound;
   const f32x8 r = (xc - nf * kLn2Hi) - nf * kLn2Lo;
@@ -129,7 +126,7 @@ XLA_OPS_INLINE f32x8 ExpNonPositive(f32x8 x) {
   p = p * (r * r) + r + 1.0f;
   const i32x8 e = reinterpret_cast<i32x8>(t) - BitCast<int32_t>(kRound);
   const f32x8 y = p * reinterpret_cast<f32x8>((e + 127) << 23);
-  return Select(tiny, f32x8{}, y);
+  return x < -87.0f ? f32x8{} : y;
 }
 
 // Sets flush-to-zero and denormals-are-zero for the current thread while alive: the tiny products of the
@@ -149,8 +146,9 @@ inline float Min(float a, float b) { return b < a ? b : a; }
 inline float Max(float a, float b) { return a < b ? b : a; }
 
 // 1/sqrt(x) for x >= 0 without libm (std::sqrt sets errno, which keeps GCC from vectorising it even under the
-// optimize pragma): bit-trick estimate and three Newton steps, a relative error of a few float ulp.
-// RSqrt(0) is a large finite number, so x * RSqrt(x) is 0 at x = 0.
+// optimize pragma): bit-trick estimate (relative error < 3.5%) and three Newton steps (2e-3, 5e-6, then
+// float rounding: < 4 ulp; two steps would leave 80 ulp). RSqrt(0) is a large finite number, so
+// x * RSqrt(x) is 0 at x = 0.
 inline float RSqrt(float x) {
   float y = BitCast<float>(0x5f375a86 - (BitCast<int32_t>(x) >> 1));
   const float half_x = 0.5f * x;
@@ -212,28 +210,27 @@ std::vector<int32_t> MortonOrder(const float* xyz, int64_t count) {
 //   2. s_l = remain_r[l] sum_k e ratio_l[k]; ratio_r[l] = min(remain_r[l] / (s_l + 1e-9), 1) remain_r[l];
 //      remain_r[l] = max(0, remain_r[l] - s_l)
 //   3. match[l, k] += w = e ratio_l[k] ratio_r[l]; remain_l[k] = max(0, remain_l[k] - sum_l w)
-// Here one sweep over the rows l (xyz2 points) does passes 2 and 3 of round r and the sums of pass 1 of
-// round r + 1 with one exponential per pair: e' = exp(L_{r+1} d^2) and e = (e'^2)^2, since L_r = 4 L_{r+1}.
-// For row l it computes e' over the columns into a row buffer while summing s_l (pass 2 needs only
-// ratio_l, known from the round before), then adds w to match row l and to the pass-3 column sums, and
-// e' * (new remain_r[l]) to the pass-1 column sums of round r + 1. The rows are split into fixed blocks,
-// each with its own column sums, which a combine step adds up per column in block order (-> remain_l,
-// ratio_l of round r + 1). Round 0's pass 1 is a sweep of its own. Round 8 (L_8 = -1/4) evaluates
-// exp(L_8 d^2) directly: round 9 has level 0, where every weight is exactly 1, so its pass-1 and pass-2 sums
-// are one scalar sum each (the same for every column / row) and its pass 3, an outer product, is added
-// while the columns are put back into the original order. In all 10 exponentials per pair instead of 30.
+// Here one sweep over the rows l (xyz2 points, in their original order) does passes 2 and 3 of round r and
+// the sums of pass 1 of round r + 1. For row l it computes e over the columns into a row buffer while
+// summing s_l (pass 2 needs only ratio_l, known from the round before), adds w to match row l and to the
+// pass-3 column sums, and, if the row has mass left, adds exp(L_{r+1} d^2) * (new remain_r[l]) to the
+// pass-1 column sums of round r + 1. So 2 exponentials per pair and round instead of 3, and rows emptied
+// in round r cost nothing more. The rows are split into fixed blocks, each with its own column sums,
+// which a combine step adds up per column in block order (-> remain_l, ratio_l of round r + 1). Round 0's
+// pass 1 is a sweep of its own. Round 9 has level 0, where every weight is exactly 1: its pass-1 and
+// pass-2 sums are one scalar sum each (the same for every column / row), and its pass 3, an outer product,
+// is added while the columns are put back into the original order (the match is built with the columns in
+// sorted order). Using e = exp(L_{r+1} d^2)^4 instead of a second exponential was tried: its few-ulp error
+// is amplified by the rounds beyond the 1e-4 tolerance of the reference tests.
 //
-// Culling: xyz1 is sorted along a Morton curve and cut into sub-blocks of kSub columns. A sweep skips a
+// Culling: xyz1 is sorted along a Morton curve and cut into sub-blocks of kSub columns. A pass skips a
 // sub-block for row l when level * (squared distance from xyz2[l] to the bounding box of the sub-block's
-// columns with remain_l > 0) < -88, level being the sweep's exponent level (L_{r+1}, the coarser one).
-// ExpNonPositive flushes exponents below -87 to 0, so the skipped e' are exactly 0 and so are e = e'^4
-// (1% margin for rounding). Rows with remain_r = 0 (most of them after a few rounds) contribute exactly 0
-// and are skipped; columns with remain_l = 0 have ratio_l = 0 and need no pass-1 sum.
+// columns with remain_l > 0) < -88: ExpNonPositive flushes exponents below -87 to 0, so every skipped
+// value is exactly 0 (1% margin for rounding). Rows with remain_r = 0 (most of them after a few rounds)
+// contribute exactly 0 and are skipped; columns with remain_l = 0 have ratio_l = 0 and need no pass-1 sum.
 //
-// Rounding differences from evaluating the three passes literally (all within float rounding of the
-// algorithm): e = (e'^2)^2 carries ~4x the relative error of e' (a few ulp); the pass-2 sums run in 8
-// interleaved lanes and the column sums per row block, then over blocks; with flush-to-zero e'^4 becomes 0
-// below 2^-126 (exponents < -87.3) where ExpNonPositive(L_r d^2) gave 0 below -87.
+// Rounding differences from evaluating the three passes literally in index order: the pass-2 sums run in 8
+// interleaved lanes, the pass-1 and pass-3 column sums per row block and then over the blocks.
 constexpr int64_t kSub = 16;           // columns per culling sub-block
 constexpr int64_t kLanes = 8;          // interleaved partial sums of the pass-2 dot products (fixed)
 constexpr int64_t kMinRowBlock = 128;  // rows per sweep task, at least
@@ -312,12 +309,9 @@ void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_en
     const float x = d.x2[l], y = d.y2[l], z = d.z2[l];
     for (int64_t t = 0; t < subs8; t += kLanes) {  // squared distances from (x, y, z) to the boxes
       const f32x8 zero{};
-      f32x8 dx = Load<f32x8>(d.box + t) - x, dy = Load<f32x8>(d.box + subs8 + t) - y;
-      f32x8 dz = Load<f32x8>(d.box + 2 * subs8 + t) - z;
-      const f32x8 ex = x - Load<f32x8>(d.box + 3 * subs8 + t), ey = y - Load<f32x8>(d.box + 4 * subs8 + t);
-      const f32x8 ez = z - Load<f32x8>(d.box + 5 * subs8 + t);
-      dx = Select(dx < ex, ex, dx), dy = Select(dy < ey, ey, dy), dz = Select(dz < ez, ez, dz);
-      dx = Select(dx < zero, zero, dx), dy = Select(dy < zero, zero, dy), dz = Select(dz < zero, zero, dz);
+      const f32x8 dx = MaxV(MaxV(Load<f32x8>(d.box + t) - x, x - Load<f32x8>(d.box + 3 * subs8 + t)), zero);
+      const f32x8 dy = MaxV(MaxV(Load<f32x8>(d.box + subs8 + t) - y, y - Load<f32x8>(d.box + 4 * subs8 + t)), zero);
+      const f32x8 dz = MaxV(MaxV(Load<f32x8>(d.box + 2 * subs8 + t) - z, z - Load<f32x8>(d.box + 5 * subs8 + t)), zero);
       Store(&box_d2[t], dx * dx + dy * dy + dz * dz);
     }
     const int64_t num = ReachableRanges(box_d2.data(), subs, max_d2, ranges.data());
@@ -415,14 +409,24 @@ void CombineColumns(SweepKind kind, int64_t k_begin, int64_t k_end, int64_t bloc
 void FinishRows(const float* ratio_l, const float* ratio_r, const int32_t* pos1, int64_t l_begin, int64_t l_end,
                 int64_t n, float* match) {
   FlushDenormals ftz;
-  std::vector<float> sorted(n);
+  // The copy of a row starts 2 KiB away from the row modulo 4 KiB: loads from it would otherwise be held
+  // up behind stores to the row with the same low 12 address bits (4K aliasing) when n is a multiple of 1024.
+  std::vector<float> buffer(n + 1024);
+  const uintptr_t gap = (reinterpret_cast<uintptr_t>(match) - reinterpret_cast<uintptr_t>(buffer.data()) + 2048) & 4095;
+  float* sorted = buffer.data() + gap / sizeof(float);
   for (int64_t l = l_begin; l < l_end; ++l) {
     float* row = match + l * n;
-    std::copy(row, row + n, sorted.begin());
+    if (l + 1 < l_end)  // the next row: a page further at n = 1024, where the hardware prefetchers stop
+      for (int64_t j = 0; j < n; j += 64 / sizeof(float)) __builtin_prefetch(row + n + j, 1);
+    std::copy(row, row + n, sorted);
     const float rr = ratio_r[l];
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t k = pos1[j];
-      row[j] = sorted[k] + ratio_l[k] * rr;
+    if (rr == 0.0f) {  // most rows: emptied before round 9
+      for (int64_t j = 0; j < n; ++j) row[j] = sorted[pos1[j]];
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t k = pos1[j];
+        row[j] = sorted[k] + ratio_l[k] * rr;
+      }
     }
   }
 }
@@ -599,6 +603,8 @@ ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBu
 }
 
 // ---- match_cost and its gradient -------------------------------------------------------------------
+constexpr int64_t kPrefetchRows = 8;  // match rows ahead whose segment CostColumns prefetches
+
 // For the block of xyz1 points k: column sums over l of match[l, k] * ||p_k - q_l|| (cost) and, when
 // grad1 != nullptr, of match[l, k] * (p_k - q_l) / max(||p_k - q_l||, 1e-10).
 XLA_OPS_SIMD_CLONES
@@ -610,6 +616,9 @@ void CostColumns(const float* px, const float* py, const float* pz, int64_t coun
   for (int64_t l = 0; l < m; ++l) {
     const float x2 = qx[l], y2 = qy[l], z2 = qz[l];
     const float* row = match + l * n;
+    // The segments are rows apart (a page at n = 1024), beyond the hardware prefetchers' reach.
+    if (l + kPrefetchRows < m)
+      for (int64_t k = 0; k < count; k += 64 / sizeof(float)) __builtin_prefetch(row + kPrefetchRows * n + k);
     if (grad1 == nullptr) {
       for (int64_t k = 0; k < count; ++k) {
         const float d2 = SqDist(px[k], py[k], pz[k], x2, y2, z2);
