@@ -260,19 +260,46 @@ struct SweepData {
   bool first_write;   // the rows hold garbage: write them whole
 };
 
-// Merges the sub-blocks with box_d2 <= max_d2 into ranges [ranges[2i], ranges[2i + 1]) of columns; returns
-// their number. level * d2 < -88 <=> d2 > 88 / -level exactly, the levels being powers of 2.
-int64_t ReachableRanges(const float* box_d2, int64_t subs, float max_d2, int32_t* ranges) {
+// Bit t of the result: lane t of a comparison result (all ones or zero). Two SSE movemasks (baseline x86-64,
+// so the same code serves both clones).
+XLA_OPS_INLINE uint64_t LaneBits(i32x8 mask) {
+#if defined(__SSE__)
+  __m128 half[2];
+  __builtin_memcpy(half, &mask, sizeof(half));
+  return static_cast<uint64_t>(_mm_movemask_ps(half[0]) | (_mm_movemask_ps(half[1]) << 4));
+#else
+  uint64_t bits = 0;
+  for (int j = 0; j < kLanes; ++j) bits |= static_cast<uint64_t>(mask[j] != 0) << j;
+  return bits;
+#endif
+}
+
+// Turns the runs of set bits of words[0, num_words) (bit t: sub-block t is reachable) into column ranges
+// [ranges[2i], ranges[2i + 1]); returns their number.
+int64_t BitRuns(const uint64_t* words, int64_t num_words, int32_t* ranges) {
   int64_t num = 0;
-  for (int64_t t = 0; t < subs; ++t) {
-    if (!(box_d2[t] <= max_d2)) continue;  // an empty box is at +inf
-    if (num > 0 && ranges[2 * num - 1] == t * kSub) {
-      ranges[2 * num - 1] += kSub;
-    } else {
-      ranges[2 * num] = static_cast<int32_t>(t * kSub);
-      ranges[2 * num + 1] = static_cast<int32_t>((t + 1) * kSub);
-      ++num;
+  const int64_t total = num_words * 64;
+  int64_t t = 0;
+  while (t < total) {
+    uint64_t w = words[t / 64] >> (t % 64);
+    if (w == 0) {
+      t = (t / 64 + 1) * 64;
+      continue;
     }
+    const int64_t start = t + __builtin_ctzll(w);
+    t = start;
+    for (;;) {  // the end of the run: the next clear bit
+      const uint64_t clear = ~words[t / 64] >> (t % 64);
+      if (clear != 0) {
+        t += __builtin_ctzll(clear);
+        break;
+      }
+      t = (t / 64 + 1) * 64;
+      if (t >= total) break;
+    }
+    ranges[2 * num] = static_cast<int32_t>(start * kSub);
+    ranges[2 * num + 1] = static_cast<int32_t>(t * kSub);
+    ++num;
   }
   return num;
 }
@@ -293,8 +320,10 @@ XLA_OPS_SIMD_CLONES
 void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_end, float* sum_a, float* sum_c) {
   FlushDenormals ftz;
   const int64_t n = d.n, np = d.np, subs = np / kSub, subs8 = d.subs8;
-  std::vector<float> e_row(np), box_d2(subs8);
-  std::vector<int32_t> ranges(2 * subs), ranges_next(2 * subs);
+  const int64_t num_words = (subs8 + 63) / 64;
+  std::vector<float> e_row(np);
+  std::vector<uint64_t> reach(num_words), reach_next(num_words);  // bit t: sub-block t is within reach
+  std::vector<int32_t> ranges(2 * subs + 2), ranges_next(2 * subs + 2);
   for (int64_t k = 0; k < np; ++k) sum_a[k] = sum_c[k] = 0.0f;
   const float *x1 = d.x1, *y1 = d.y1, *z1 = d.z1, *rl = d.ratio_l;
   const float max_d2 = 88.0f / -d.level;
@@ -307,14 +336,20 @@ void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_en
       continue;
     }
     const float x = d.x2[l], y = d.y2[l], z = d.z2[l];
-    for (int64_t t = 0; t < subs8; t += kLanes) {  // squared distances from (x, y, z) to the boxes
+    // Squared distances from (x, y, z) to the boxes; level * d2 < -88 <=> d2 > 88 / -level exactly, the
+    // levels being powers of 2 (an empty box is at +inf).
+    std::fill(reach.begin(), reach.end(), 0);
+    std::fill(reach_next.begin(), reach_next.end(), 0);
+    for (int64_t t = 0; t < subs8; t += kLanes) {
       const f32x8 zero{};
       const f32x8 dx = MaxV(MaxV(Load<f32x8>(d.box + t) - x, x - Load<f32x8>(d.box + 3 * subs8 + t)), zero);
       const f32x8 dy = MaxV(MaxV(Load<f32x8>(d.box + subs8 + t) - y, y - Load<f32x8>(d.box + 4 * subs8 + t)), zero);
       const f32x8 dz = MaxV(MaxV(Load<f32x8>(d.box + 2 * subs8 + t) - z, z - Load<f32x8>(d.box + 5 * subs8 + t)), zero);
-      Store(&box_d2[t], dx * dx + dy * dy + dz * dz);
+      const f32x8 d2 = dx * dx + dy * dy + dz * dz;
+      reach[t / 64] |= LaneBits(d2 <= max_d2) << (t % 64);
+      reach_next[t / 64] |= LaneBits(d2 <= max_d2_next) << (t % 64);
     }
-    const int64_t num = ReachableRanges(box_d2.data(), subs, max_d2, ranges.data());
+    const int64_t num = BitRuns(reach.data(), num_words, ranges.data());
     if (kind == SweepKind::kFirstRatio) {
       AddPassOne(x1, y1, z1, x, y, z, ranges.data(), num, d.level, rem, sum_a);
       continue;
@@ -357,7 +392,7 @@ void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_en
     if (d.first_write) std::fill(row + written, row + n, 0.0f);
     // Pass 1 of the next round (rows emptied this round add exactly 0).
     if (kind == SweepKind::kFused && rem_next > 0.0f) {
-      const int64_t num_next = ReachableRanges(box_d2.data(), subs, max_d2_next, ranges_next.data());
+      const int64_t num_next = BitRuns(reach_next.data(), num_words, ranges_next.data());
       AddPassOne(x1, y1, z1, x, y, z, ranges_next.data(), num_next, d.level_next, rem_next, sum_a);
     }
   }
