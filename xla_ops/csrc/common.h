@@ -10,8 +10,12 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -88,6 +92,42 @@ ffi::Future ParallelFor(const ffi::ThreadPool& pool, int64_t n, int64_t min_item
     });
   }
   return future;
+}
+
+// Runs fn(item) for every item in [0, count) on the pool and on the calling thread, and returns when all
+// are done (a barrier). Items are taken dynamically: fn(item) must not depend on which thread runs it.
+// Unlike ParallelFor it blocks, which lets a handler run several dependent passes while its ThreadPool
+// context is valid (cpu/emd.cc). It cannot deadlock: the caller works through the items itself and only
+// waits for items that a running thread has already taken.
+inline void RunParallel(const ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> fn) {
+  if (count <= 0) return;
+  struct State {
+    std::function<void(int64_t)> fn;
+    int64_t count;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  state->fn = std::move(fn);
+  state->count = count;
+  auto work = [](State& s) {
+    for (int64_t i = s.next.fetch_add(1); i < s.count; i = s.next.fetch_add(1)) {
+      s.fn(i);
+      if (s.done.fetch_add(1) + 1 == s.count) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        s.cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  ffi::ThreadPool pool_copy = pool;
+  // A helper that starts late finds no item left and returns without touching fn's captures.
+  for (int64_t h = 0; h < helpers; ++h) pool_copy.Schedule([state, work]() { work(*state); });
+  work(*state);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == state->count; });
 }
 
 // ---- handler registry ---------------------------------------------------------------------------

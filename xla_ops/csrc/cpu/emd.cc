@@ -9,14 +9,10 @@
 // barrier between phases. Either way every value is computed by one thread in the same fixed order, so
 // results do not depend on the thread count or the batch size. Memory: O(B * (n + m)) besides the
 // [B, m, n] output (the per-block column sums are at most 2 * 32 * n floats per item).
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <limits>
-#include <memory>
-#include <mutex>
 
 #include "common.h"
 
@@ -47,41 +43,6 @@ constexpr const char* kCostOp = "xla_ops_match_cost";
 constexpr const char* kCostGradOp = "xla_ops_match_cost_grad";
 constexpr int64_t kBlock = 256;  // points per match_cost work item (fixed: independent of the thread count)
 constexpr int kRounds = 10;      // j = 7, 6, ..., -2
-
-// Runs fn(item) for every item in [0, count) on the pool and on the calling thread, and returns when all
-// are done (a barrier). Unlike ParallelFor (common.h) it blocks, which lets a handler run several dependent
-// passes while its ThreadPool context is valid. It cannot deadlock: the caller works through the items
-// itself and only waits for items that a running thread has already taken.
-void RunParallel(const ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> fn) {
-  if (count <= 0) return;
-  struct State {
-    std::function<void(int64_t)> fn;
-    int64_t count;
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  state->fn = std::move(fn);
-  state->count = count;
-  auto work = [](State& s) {
-    for (int64_t i = s.next.fetch_add(1); i < s.count; i = s.next.fetch_add(1)) {
-      s.fn(i);
-      if (s.done.fetch_add(1) + 1 == s.count) {
-        std::lock_guard<std::mutex> lock(s.mu);
-        s.cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
-  ffi::ThreadPool pool_copy = pool;
-  // A helper that starts late finds no item left and returns without touching fn's captures.
-  for (int64_t h = 0; h < helpers; ++h) pool_copy.Schedule([state, work]() { work(*state); });
-  work(*state);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == state->count; });
-}
 
 int64_t NumBlocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
 
