@@ -40,6 +40,14 @@ def test_approx_match_several_blocks_and_scales(scale):
   np.testing.assert_allclose(xla_ops.approx_match(a, b), ref.approx_match(a, b), rtol=1e-4, atol=2e-5)
 
 
+def test_approx_match_wide_rows():
+  """More than 64 CPU culling sub-blocks per row (reachable runs that cross 64-bit mask words) and a ragged
+  last sub-block."""
+  a, b = _clouds(14, (), 1100, 40)
+  a, b = a * 3.0, b * 3.0
+  np.testing.assert_allclose(xla_ops.approx_match(a, b), ref.approx_match(a, b), rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("n,m", [(40, 40), (60, 20), (20, 60), (30, 70)])
 def test_approx_match_masses(n, m):
   """Rows/columns never exceed the masses of §5.2 and the transported total is ~ max(n, m)."""
