@@ -197,7 +197,7 @@ constexpr int64_t kLanes = 8;          // interleaved partial sums of the pass-2
 constexpr int64_t kMinRowBlock = 128;  // rows per sweep task, at least
 constexpr int64_t kMaxRowBlocks = 32;  // bounds the per-block column sums to 32 * 2 * n floats per item
 constexpr int64_t kColChunk = 256;     // columns per combine task (a multiple of kSub)
-constexpr float kReach = -88.0f;
+constexpr float kCutoff = 88.0f;      // culled where level * d^2 < -kCutoff (ExpNonPositive: 0 below -87)
 
 float Level(int round) { return round >= kRounds - 1 ? 0.0f : -std::ldexp(1.0f, 2 * (7 - round)); }
 
@@ -287,8 +287,8 @@ void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_en
   std::vector<int32_t> ranges(2 * subs + 2), ranges_next(2 * subs + 2);
   for (int64_t k = 0; k < np; ++k) sum_a[k] = sum_c[k] = 0.0f;
   const float *x1 = d.x1, *y1 = d.y1, *z1 = d.z1, *rl = d.ratio_l;
-  const float max_d2 = 88.0f / -d.level;
-  const float max_d2_next = kind == SweepKind::kFused ? 88.0f / -d.level_next : 0.0f;
+  const float max_d2 = kCutoff / -d.level;
+  const float max_d2_next = kind == SweepKind::kFused ? kCutoff / -d.level_next : 0.0f;
   for (int64_t l = l_begin; l < l_end; ++l) {
     float* row = d.match + l * n;
     const float rem = d.remain_r[l];
@@ -297,8 +297,8 @@ void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_en
       continue;
     }
     const float x = d.x2[l], y = d.y2[l], z = d.z2[l];
-    // Squared distances from (x, y, z) to the boxes; level * d2 < -88 <=> d2 > 88 / -level exactly, the
-    // levels being powers of 2 (an empty box is at +inf).
+    // Squared distances from (x, y, z) to the boxes; level * d2 < -kCutoff <=> d2 > kCutoff / -level
+    // exactly, the levels being powers of 2 (an empty box is at +inf).
     std::fill(reach.begin(), reach.end(), 0);
     std::fill(reach_next.begin(), reach_next.end(), 0);
     for (int64_t t = 0; t < subs8; t += kLanes) {
