@@ -8,8 +8,9 @@ xyz1 point has mass 1 and every xyz2 point mass floor(n/m) when n >= m (else flo
 Precision: everything is float32 like the GPU kernel. The CPU handler evaluates exp(level * d^2) with a
 vectorisable polynomial (Cephes expf, ~1 ulp, about libm's expf; the GPU used the faster, less accurate
 ``__expf``) that flushes values below 2^-125 (exponents < -87) to zero, and runs with flush-to-zero /
-denormals-are-zero. It sorts both clouds along a Morton curve internally and skips point/block pairs whose
-exponentials are all exactly zero, so the sums run in that (fixed) order rather than index order. Every
+denormals-are-zero. It sorts xyz1 along a Morton curve internally (xyz2 keeps its order), runs each round as one
+sweep over the xyz2 rows with per-row-block column sums, and skips column blocks whose exponentials are all
+exactly zero, so the sums run in that (fixed) order rather than index order. Every
 output element is computed by one thread in a fixed order: results do not depend on the thread count or the
 batch size, and agree with a float64 evaluation to ~1e-5 relative. ``match_cost`` on CPU uses a Newton-refined
 reciprocal square root (a few ulp) so that it vectorises.
