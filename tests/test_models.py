@@ -366,3 +366,23 @@ def test_finetune_end_to_end_jit_and_grad():
   before = variables["batch_stats"]["sparse"]["encoder"]["residual_1"]["bn1"]["mean"]
   after = state["batch_stats"]["sparse"]["encoder"]["residual_1"]["bn1"]["mean"]
   assert not np.allclose(before, after)
+
+
+def test_predict_offsets_adds_the_source_point_and_keeps_the_parameters():
+  """dense.predict_offsets (a quickstart deviation): same parameters; output copy r*i + c = input point i +
+  the decoded offset, so with a zeroed last decoder layer every level returns its input points x upsample."""
+  direct_model, direct_vars, batch = _tiny_dense()
+  offset_model, _, _ = _tiny_dense(dense={"predict_offsets": True})
+  offset_abstract = _abstract_init(offset_model, batch)
+  assert jax.tree.map(lambda x: x.shape, offset_abstract) == jax.tree.map(lambda x: x.shape, direct_vars)
+  apply = lambda m, v: m.apply(v, batch, train=False)  # noqa: E731
+  direct, offset = jax.jit(lambda v: apply(direct_model, v))(direct_vars), jax.jit(
+      lambda v: apply(offset_model, v))(direct_vars)
+  # Level 1 sees the same input, so its output differs exactly by the repeated input points.
+  np.testing.assert_allclose(offset["mid"], direct["mid"] + np.repeat(batch["points_sparse"], 4, axis=1),
+                             rtol=1e-5, atol=1e-5)
+  zeroed = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros_like(x) if "conv_out" in jax.tree_util.keystr(p) else x, direct_vars)
+  out = jax.jit(lambda v: apply(offset_model, v))(zeroed)
+  np.testing.assert_allclose(out["mid"], np.repeat(batch["points_sparse"], 4, axis=1), atol=1e-6)
+  np.testing.assert_allclose(out["dense"], np.repeat(batch["points_sparse"], 16, axis=1), atol=1e-6)

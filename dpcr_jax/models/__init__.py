@@ -46,6 +46,11 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.dense.bn_momentum = 0.9  # pu_util BN EMA decay (eps 1e-3, moments over all axes but channels).
   c.dense.global_channels = (32, 64, 64)  # global PointNet MLP (tflearn conv_1d + tflearn BN + ReLU), max-pooled.
   c.dense.decoder_channels = (128, 128, 64)  # per-point decoder MLP (tflearn), then a linear conv to xyz.
+  # False (the original, spec §2.2): the decoder regresses xyz directly. True (a deviation for short runs,
+  # configs/quickstart.py): it regresses an offset from the input point each output copy comes from, with the
+  # last decoder layer initialised to zero, so an untrained level returns its input points (the original
+  # starts from random coordinates and needs thousands of steps to get back to its input's accuracy).
+  c.dense.predict_offsets = False
   c.dense.agg_channels = 256  # local feature width (EdgeConv 'agg' / PointNet++ final PuConv).
   c.dense.k = 20  # edgeconv: kNN size, the point itself included.
   c.dense.edge_channels = (32, 64, 128)  # edgeconv: the three EdgeConv widths (dgcnn1, dgcnn2, dgcnn4).
@@ -103,7 +108,7 @@ def _dense_net(config: ml_collections.ConfigDict, name: str | None = None) -> De
   level = functools.partial(DenseLevel, local, upsample=d.upsample, skip_weight=d.skip_weight,
                             grid_scale=d.grid_scale, global_channels=tuple(d.global_channels),
                             decoder_channels=tuple(d.decoder_channels), frozen_bn=config.tflearn_frozen_bn,
-                            ops_impl=config.ops_impl)
+                            predict_offsets=d.predict_offsets, ops_impl=config.ops_impl)
   return DenseNet(level, levels=d.levels, name=name)
 
 

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 import xla_ops
-from dpcr_jax.models.layers import BatchNorm, glorot_uniform, tflearn_batch_norm, uniform_scaling, zeros
+from dpcr_jax.models.layers import (BatchNorm, Initializer, glorot_uniform, tflearn_batch_norm, uniform_scaling,
+                                    zeros)
 
 
 class PuConv(nn.Module):
@@ -41,6 +42,7 @@ class TflearnMLP(nn.Module):
   channels: Sequence[int]
   frozen_bn: bool
   out_features: int | None = None
+  out_kernel_init: Initializer = uniform_scaling
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -48,7 +50,7 @@ class TflearnMLP(nn.Module):
       x = nn.Dense(channels, kernel_init=uniform_scaling, bias_init=zeros, name=f"conv_{i}")(x)
       x = nn.relu(tflearn_batch_norm(self.frozen_bn, name=f"bn_{i}")(x, train))
     if self.out_features is not None:
-      x = nn.Dense(self.out_features, kernel_init=uniform_scaling, bias_init=zeros, name="conv_out")(x)
+      x = nn.Dense(self.out_features, kernel_init=self.out_kernel_init, bias_init=zeros, name="conv_out")(x)
     return x
 
 
@@ -111,6 +113,7 @@ class DenseLevel(nn.Module):
   global_channels: Sequence[int] = (32, 64, 64)
   decoder_channels: Sequence[int] = (128, 128, 64)
   frozen_bn: bool = True
+  predict_offsets: bool = False  # True: output = input point + decoded offset (a deviation, see default config)
   ops_impl: str = "ffi"
 
   @nn.compact
@@ -125,8 +128,13 @@ class DenseLevel(nn.Module):
       _, idx = xla_ops.knn(jax.lax.stop_gradient(points), jax.lax.stop_gradient(prev_points), 1, impl=self.ops_impl)
       feature = feature + self.skip_weight * xla_ops.group_points(prev_feature, idx, impl=self.ops_impl)[:, :, 0]
     expanded = expand_with_grid(feature, self.upsample, self.grid_scale)
-    decoder = TflearnMLP(self.decoder_channels, self.frozen_bn, out_features=3, name="decoder")
-    return decoder(expanded, train), feature
+    # With offsets the last layer starts at zero: an untrained level returns its input points.
+    decoder = TflearnMLP(self.decoder_channels, self.frozen_bn, out_features=3,
+                         out_kernel_init=zeros if self.predict_offsets else uniform_scaling, name="decoder")
+    new_points = decoder(expanded, train)
+    if self.predict_offsets:  # row r*i + c comes from input point i
+      new_points = new_points + jnp.repeat(points, self.upsample, axis=1)
+    return new_points, feature
 
 
 class DenseNet(nn.Module):
