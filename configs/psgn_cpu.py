@@ -6,8 +6,9 @@
       --config.init.sparse_checkpoint=runs/psgn_cpu/sparse --config.init.dense_checkpoint=runs/psgn_cpu/dense
   python -m experiments.evaluate --checkpoint runs/psgn_cpu/finetune --output runs/psgn_cpu/results --split val
 
-What a 2-core CPU can train in an hour: configs/quickstart.py's sizes (128 px images, width x0.25, 256 -> 1024 ->
-4096 points, kNN k 16, Adam 1e-3, batch 8) on the 768 PSGN training samples; the 16384-point clouds are cut to
+What a 2-core CPU can train in an hour: configs/quickstart.py's settings (128 px images, width x0.25, 256 -> 1024
+-> 4096 points, kNN k 16, its batches and learning rates, offset-regressing dense levels) on the 768 PSGN
+training samples; the 16384-point clouds are cut to
 FPS subsets of 4096 (dense GT), 1024 and 256 points, and evaluation (batch 15, 32 samples) is at 4096 points.
 configs/psgn_full.py has the paper's sizes (for a GPU). Ground truth is in each image's view frame, so the
 medoid baselines group all samples as one 'view' (-1). Run from the repository root (data.root is relative).

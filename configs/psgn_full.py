@@ -11,9 +11,9 @@ grey background, masked to black with the depth map and padded/resized to 256 x 
 each image's view frame (not the AttentionDPCR camera frame), so the medoid baselines group all samples as
 one 'view' (-1). Run from the repository root (data.root is relative to it). The argument after ':' picks the
 stage (sparse, dense or finetune). The files hold 16384 points per cloud, so point counts and image size are
-the paper's (1024 -> 4096 -> 16384, 256 px, kNN k 20); the sparse network keeps the quickstart's width x0.25
-and lr 1e-3. Meant for a GPU: on a 2-core CPU a dense or finetune step at 16384 points takes many seconds (configs/psgn_cpu.py
-is the CPU-sized variant).
+the paper's (1024 -> 4096 -> 16384, 256 px, kNN k 20); the rest is the quickstart's (sparse width x0.25, its
+batches and learning rates, offset-regressing dense levels). Meant for a GPU: on a 2-core CPU a dense or
+finetune step at 16384 points takes many seconds (configs/psgn_cpu.py is the CPU-sized variant).
 """
 from configs import quickstart
 
