@@ -1,8 +1,9 @@
 """CUDA handlers: every op on the GPU against the numpy references and against the CPU handlers.
 
 The GPU tests need a CUDA device visible to JAX and the `_xla_ops_cuda` extension (built at install time when
-nvcc and an NVIDIA driver are found, or with XLA_OPS_CUDA=ON); without them they are skipped with the reason. The registration test runs wherever the
-CUDA extension was built, GPU or not (cudart is linked statically, so the module imports anywhere).
+nvcc and an NVIDIA driver are found, or with XLA_OPS_CUDA=ON); without them they are skipped with the reason.
+The registration test runs wherever the CUDA extension was built, GPU or not (cudart is linked statically, so
+the module imports anywhere).
 
 The CPU handler is the second oracle: index outputs (FPS, ball query, knn, three_nn, nn_distance) must agree
 exactly, since both platforms compute the same float32 squared distances and break ties to the lowest
