@@ -15,13 +15,13 @@ Differences from the paper settings (configs/{sparse,dense,finetune}.py), all fo
     regression the dense stage needs thousands of steps before its output is even as close to the ground
     truth as its input points (measured: CD 3.6e-3 after 200 steps vs 1.9e-4 for copying the input), and
     fine-tuning through such a dense net wrecked the trained sparse stage;
-  - 1500 / 150 / 20 steps instead of 20 / 20 / 40 epochs (a sparse step takes ~0.2 s on 2 cores, a dense or
+  - 1000 / 120 / 20 steps instead of 20 / 20 / 40 epochs (a sparse step takes ~0.3 s on 2 cores, a dense or
     finetune step at batch 4 ~0.7-1 s).
 The argument after ':' picks the stage: sparse (default), dense or finetune.
 """
 from configs import default
 
-NUM_STEPS = {"sparse": 1500, "dense": 150, "finetune": 20}
+NUM_STEPS = {"sparse": 1000, "dense": 120, "finetune": 20}
 BATCH_SIZE = {"sparse": 8, "dense": 4, "finetune": 4}
 LEARNING_RATE = {"sparse": 1e-3, "dense": 1e-3, "finetune": 1e-4}
 
