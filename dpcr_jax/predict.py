@@ -33,8 +33,15 @@ def _run_dir(path: str) -> str:
 
 
 def load_run_config(path: str) -> ml_collections.ConfigDict:
+  """A run's saved config; model fields added since the run was made take their defaults (the behaviour
+  such runs were trained with)."""
+  from dpcr_jax.models import default_model_config  # pylint: disable=g-import-not-at-top
   with open(os.path.join(_run_dir(path), "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  model = default_model_config()
+  model.update(config.model.to_dict())
+  config.model = model
+  return config
 
 
 class Predictor:

@@ -72,6 +72,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
   if config.lr_schedule not in ("constant", "cosine"):
     raise ValueError(f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+  if not 0 <= config.lr_final_fraction <= 1:
+    raise ValueError(f"config.lr_final_fraction must be in [0, 1], got {config.lr_final_fraction}")
   if not 0 <= config.lr_warmup_steps < config.num_train_steps:
     raise ValueError(f"config.lr_warmup_steps must be in [0, num_train_steps={config.num_train_steps}), "
                      f"got {config.lr_warmup_steps}")

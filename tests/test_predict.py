@@ -74,3 +74,17 @@ def test_predict_folder_from_a_trained_run(tmp_path, monkeypatch):
     predictor(np.zeros((1, 5, 5, 3), np.float32))
   with pytest.raises(ValueError, match="no config.json"):
     predict.Predictor(str(tmp_path))
+
+
+def test_run_config_of_an_older_run_gets_new_model_defaults(tmp_path):
+  """A config.json written before a model field existed (here dense.predict_offsets) still loads, with the
+  field's default (the behaviour the run was trained with); saved values win over defaults."""
+  import json  # pylint: disable=g-import-not-at-top
+  from dpcr_jax.models import default_model_config  # pylint: disable=g-import-not-at-top
+  model = default_model_config().to_dict()
+  del model["dense"]["predict_offsets"]
+  model["dense"]["k"] = 7
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"stage": "finetune", "model": model}, f)
+  config = predict.load_run_config(str(tmp_path))
+  assert config.model.dense.predict_offsets is False and config.model.dense.k == 7

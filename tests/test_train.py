@@ -64,6 +64,7 @@ def test_train_and_evaluate_writes_metrics_and_learns(tmp_path, monkeypatch):
     (dict(num_train_steps=0), "num_train_steps"),
     (dict(lr_schedule="linear"), "lr_schedule"),
     (dict(lr_schedule="cosine", lr_warmup_steps=10 ** 9), "lr_warmup_steps"),
+    (dict(lr_schedule="cosine", lr_final_fraction=-0.5), "lr_final_fraction"),
 ])
 def test_bad_config_is_rejected_before_compiling(tmp_path, override, message):
   config = standins.tiny_config("sparse", str(tmp_path))

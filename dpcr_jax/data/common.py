@@ -43,7 +43,7 @@ def read_json(path: str, what: str):
   try:
     with open(path) as f:
       return json.load(f)
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise DataError(f"{what} {path} is not valid JSON ({e})") from e
 
 

@@ -8,7 +8,8 @@
 // phases; otherwise each phase's tasks of all items run on XLA's intra-op pool and the calling thread with a
 // barrier between phases. Either way every value is computed by one thread in the same fixed order, so
 // results do not depend on the thread count or the batch size. Memory: O(B * (n + m)) besides the
-// [B, m, n] output (the per-block column sums are at most 2 * 32 * n floats per item).
+// [B, m, n] output (the per-block column sums are at most 2 * 32 * np floats per item, np = n padded to a
+// multiple of kSub, see SweepData).
 #include <cmath>
 #include <cstring>
 #include <functional>
