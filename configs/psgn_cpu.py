@@ -6,7 +6,7 @@
       --config.init.sparse_checkpoint=runs/psgn_cpu/sparse --config.init.dense_checkpoint=runs/psgn_cpu/dense
   python -m experiments.evaluate --checkpoint runs/psgn_cpu/finetune --output runs/psgn_cpu/results --split val
 
-What a 2-core CPU can train in an hour: configs/quickstart.py's settings (128 px images, width x0.25, 256 -> 1024
+What a 2-core CPU trains in about half an hour (34 min measured, docs/training.md): configs/quickstart.py's settings (128 px images, width x0.25, 256 -> 1024
 -> 4096 points, kNN k 16, its batches and learning rates, offset-regressing dense levels) on the 768 PSGN
 training samples; the 16384-point clouds are cut to
 FPS subsets of 4096 (dense GT), 1024 and 256 points, and evaluation (batch 15, 32 samples) is at 4096 points.
