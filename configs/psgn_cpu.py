@@ -6,10 +6,10 @@
       --config.init.sparse_checkpoint=runs/psgn_cpu/sparse --config.init.dense_checkpoint=runs/psgn_cpu/dense
   python -m experiments.evaluate --checkpoint runs/psgn_cpu/finetune --output runs/psgn_cpu/results --split val
 
-What a 2-core CPU trains in about half an hour (34 min measured, docs/training.md): configs/quickstart.py's settings (128 px images, width x0.25, 256 -> 1024
--> 4096 points, kNN k 16, its batches and learning rates, offset-regressing dense levels) on the 768 PSGN
-training samples; the 16384-point clouds are cut to
-FPS subsets of 4096 (dense GT), 1024 and 256 points, and evaluation (batch 15, 32 samples) is at 4096 points.
+What a 2-core CPU trains in about half an hour (34 min measured, docs/training.md): configs/quickstart.py's
+settings (128 px images, width x0.25, 256 -> 1024 -> 4096 points, kNN k 16, its batches and learning rates,
+offset-regressing dense levels) on the 768 PSGN training samples; the 16384-point clouds are cut to FPS subsets
+of 4096 (dense GT), 1024 and 256 points, and evaluation (batch 15, 32 samples) is at 4096 points.
 configs/psgn_full.py has the paper's sizes (for a GPU). Ground truth is in each image's view frame, so the
 medoid baselines group all samples as one 'view' (-1). Run from the repository root (data.root is relative).
 """
@@ -20,10 +20,8 @@ NUM_STEPS = {"sparse": 3000, "dense": 300, "finetune": 150}
 
 def get_config(stage: str = "sparse"):
   config = quickstart.get_config(stage)
-  full = psgn_full.get_config(stage)
-  config.data.source, config.data.root, config.eval_split = full.data.source, full.data.root, full.eval_split
+  psgn_full.use_psgn_data(config)
   config.num_train_steps = NUM_STEPS[stage]
   config.eval_every = NUM_STEPS[stage] // 2
-  config.eval_batches = -1
   config.checkpoint_every = 250
   return config

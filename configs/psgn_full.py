@@ -20,16 +20,21 @@ from configs import quickstart
 NUM_STEPS = {"sparse": 2000, "dense": 1000, "finetune": 1000}
 
 
-def get_config(stage: str = "sparse"):
-  config = quickstart.get_config(stage)
-  config.model.image_size, config.model.sparse_grid, config.model.dense.k = 256, 32, 20
-  config.data.image_size = 256
-  config.data.n_sparse, config.data.n_mid, config.data.n_dense = 1024, 4096, 16384
+def use_psgn_data(config):
+  """Points a config at the PSGN batches: training on batches 0-24 but 15, evaluation on batch 15."""
   config.data.source = "psgn"
   config.data.root = "../shared/data/psgn-shapenet"
   config.eval_split = "val"
+  config.eval_batches = -1  # the whole validation batch file (32 samples)
+
+
+def get_config(stage: str = "sparse"):
+  config = quickstart.get_config(stage)
+  use_psgn_data(config)
+  config.model.image_size, config.model.sparse_grid, config.model.dense.k = 256, 32, 20
+  config.data.image_size = 256
+  config.data.n_sparse, config.data.n_mid, config.data.n_dense = 1024, 4096, 16384
   config.num_train_steps = NUM_STEPS[stage]
   config.eval_every = 500
-  config.eval_batches = -1  # the whole validation batch file (32 samples)
   config.checkpoint_every = 250
   return config
