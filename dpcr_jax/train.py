@@ -301,8 +301,8 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains ``config.stage`` in ``workdir`` (resuming if it holds checkpoints); returns the final state."""
+  maybe_initialize_distributed(config)  # first: jax.distributed must start before any backend (device_count)
   validate_config(config)
-  maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -106,7 +106,9 @@ class ArrayIterator:
 
 
 def make_iterators(config, local_batch):
-  train_iter = ArrayIterator(local_batch, config.seed, shuffle=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  # Like dpcr_jax.train._make_iterators: every process shuffles with its own seed.
+  train_iter = ArrayIterator(local_batch, config.seed + jax.process_index(), shuffle=True)
   return train_iter, lambda: ArrayIterator(local_batch, config.seed, shuffle=False, num_epochs=1)
 
 
@@ -131,6 +133,8 @@ def tiny_config(stage: str, root: str) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.seed = 0
   config.init = ml_collections.ConfigDict({"sparse_checkpoint": "", "dense_checkpoint": ""})
+  config.distributed = ml_collections.ConfigDict({
+      "enabled": False, "coordinator_address": "", "num_processes": -1, "process_id": -1})
   return config
 
 
