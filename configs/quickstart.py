@@ -21,7 +21,7 @@ The argument after ':' picks the stage: sparse (default), dense or finetune.
 """
 from configs import default
 
-NUM_STEPS = {"sparse": 1000, "dense": 120, "finetune": 20}
+NUM_STEPS = {"sparse": 6000, "dense": 120, "finetune": 20}
 BATCH_SIZE = {"sparse": 8, "dense": 4, "finetune": 4}
 LEARNING_RATE = {"sparse": 1e-3, "dense": 1e-3, "finetune": 1e-4}
 

@@ -31,6 +31,7 @@ import optax
 from dpcr_jax import checkpointing
 
 STAGES = ("sparse", "dense", "finetune")
+LR_SCHEDULES = ("constant", "step", "cosine")
 # Batch keys each stage's model and loss read (the data pipeline may yield more; they are dropped).
 _STAGE_KEYS = {
     "sparse": ("image", "points_dense", "category"),
@@ -70,13 +71,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.num_train_steps must be > 0, got {config.num_train_steps}")
   if config.learning_rate <= 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
-  if config.lr_schedule not in ("constant", "cosine"):
-    raise ValueError(f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+  if config.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
   if not 0 <= config.lr_final_fraction <= 1:
     raise ValueError(f"config.lr_final_fraction must be in [0, 1], got {config.lr_final_fraction}")
   if not 0 <= config.lr_warmup_steps < config.num_train_steps:
     raise ValueError(f"config.lr_warmup_steps must be in [0, num_train_steps={config.num_train_steps}), "
                      f"got {config.lr_warmup_steps}")
+  if config.lr_schedule == "step" and not 0 < config.lr_step_at <= 1:
+    raise ValueError(f"config.lr_step_at must be in (0, 1], got {config.lr_step_at}")
+  if config.lr_schedule == "step" and round(config.lr_step_at * config.num_train_steps) <= config.lr_warmup_steps:
+    raise ValueError(f"config.lr_step_at={config.lr_step_at} puts the step inside the warm-up "
+                     f"({config.lr_warmup_steps} steps)")
   for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"config.{name} must be > 0, got {config[name]}")
@@ -121,12 +127,21 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """config.lr_schedule: 'constant' (the paper) or 'cosine' (warm-up, then cosine decay to the final fraction)."""
-  if config.lr_schedule == "constant":
-    return optax.constant_schedule(config.learning_rate)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.lr_warmup_steps,
-      decay_steps=config.num_train_steps, end_value=config.learning_rate * config.lr_final_fraction)
+  """Linear warm-up over config.lr_warmup_steps, then config.lr_schedule: 'constant' (the paper), 'step' (one
+  drop to lr_final_fraction at step round(lr_step_at * num_train_steps)) or 'cosine' (decay to the final
+  fraction at num_train_steps); see configs/default.py."""
+  lr, warmup, total = config.learning_rate, config.lr_warmup_steps, config.num_train_steps
+  if config.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup,
+                                              decay_steps=total, end_value=lr * config.lr_final_fraction)
+  if config.lr_schedule == "step":  # join_schedules counts the second schedule's steps from the warm-up's end
+    drop = round(config.lr_step_at * total) - warmup
+    after = optax.piecewise_constant_schedule(lr, {drop: config.lr_final_fraction})
+  else:
+    after = optax.constant_schedule(lr)
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

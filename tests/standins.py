@@ -125,7 +125,7 @@ def tiny_config(stage: str, root: str) -> ml_collections.ConfigDict:
   config.eval_batches = 2
   config.shuffle = True
   config.learning_rate = 1e-2
-  config.lr_schedule, config.lr_warmup_steps, config.lr_final_fraction = "constant", 0, 0.01
+  config.lr_schedule, config.lr_warmup_steps, config.lr_final_fraction, config.lr_step_at = "constant", 0, 0.01, 0.9
   config.num_train_steps = 12
   config.log_every = 4
   config.eval_every = 6

@@ -65,6 +65,8 @@ def test_train_and_evaluate_writes_metrics_and_learns(tmp_path, monkeypatch):
     (dict(lr_schedule="linear"), "lr_schedule"),
     (dict(lr_schedule="cosine", lr_warmup_steps=10 ** 9), "lr_warmup_steps"),
     (dict(lr_schedule="cosine", lr_final_fraction=-0.5), "lr_final_fraction"),
+    (dict(lr_schedule="step", lr_step_at=1.5), "lr_step_at"),
+    (dict(lr_schedule="step", lr_warmup_steps=10, lr_step_at=0.5), "inside the warm-up"),
 ])
 def test_bad_config_is_rejected_before_compiling(tmp_path, override, message):
   config = standins.tiny_config("sparse", str(tmp_path))
@@ -83,6 +85,13 @@ def test_learning_rate_schedules():
   assert float(schedule(10)) == pytest.approx(1e-3)  # peak
   assert float(schedule(55)) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-4)  # half way down the cosine
   assert float(schedule(100)) == pytest.approx(1e-5)  # the final fraction
+  config.lr_schedule, config.lr_step_at, config.lr_final_fraction = "step", 0.9, 0.1
+  schedule = train.learning_rate_schedule(config)
+  assert float(schedule(5)) == pytest.approx(5e-4) and float(schedule(10)) == pytest.approx(1e-3)
+  assert float(schedule(89)) == pytest.approx(1e-3) and float(schedule(90)) == pytest.approx(1e-4)  # one drop at 90%
+  assert float(schedule(100)) == pytest.approx(1e-4)
+  config.lr_warmup_steps = 0
+  assert float(train.learning_rate_schedule(config)(0)) == pytest.approx(1e-3)
 
 
 def test_missing_data_root_is_rejected(tmp_path):
