@@ -22,6 +22,7 @@ def get_config(stage: str = "sparse"):
   config = quickstart.get_config(stage)
   psgn_full.use_psgn_data(config)
   config.num_train_steps = NUM_STEPS[stage]
+  config.lr_schedule = "constant"  # what the measured run used (the quickstart has since moved to "step")
   config.eval_every = NUM_STEPS[stage] // 2
   config.checkpoint_every = 250
   return config

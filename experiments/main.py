@@ -23,7 +23,7 @@ from dpcr_jax import evaluation, predict, train, visualize
 from dpcr_jax.data import CATEGORIES, generate_synthetic, make_iterator
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output folder of the whole job.")
-_MODELS_PER_CATEGORY = flags.DEFINE_integer("models_per_category", 5, "Synthetic models per category "
+_MODELS_PER_CATEGORY = flags.DEFINE_integer("models_per_category", 20, "Synthetic models per category "
                                             "(80% train / 20% test), 12 views each.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Processes for the data generator.")
 _STEP_SCALE = flags.DEFINE_float("step_scale", 1.0, "Multiplies every stage's number of training steps.")
