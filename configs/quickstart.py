@@ -3,7 +3,7 @@
   python -m experiments.train --config configs/quickstart.py:sparse --workdir runs/qs/sparse \
       --config.data.root=runs/qs/data
 
-Differences from the paper settings (configs/{sparse,dense,finetune}.py), all for speed:
+Differences from the paper settings (configs/{sparse,dense,finetune}.py), all for short CPU runs:
   - images 128 x 128 (paper 256), so the sparse decoder emits a 16 x 16 map = 256 points (paper 1024);
   - sparse network width x0.25 (channels /4);
   - point counts 256 -> 1024 -> 4096 (paper 1024 -> 4096 -> 16384), dense kNN k = 16 (paper 20);
@@ -18,8 +18,9 @@ Differences from the paper settings (configs/{sparse,dense,finetune}.py), all fo
   - 5000 / 120 / 20 steps instead of 20 / 20 / 40 epochs (a sparse step at batch 8 takes ~0.1 s on this
     project's current 2-core machine, ~0.3 s on the one of 2026-11-25; a dense or finetune step at batch 4
     ~0.5-1 s), with lr_schedule "step": the learning rate drops x0.1 for the last 10% of each stage's steps (the
-    paper keeps it constant; on the sparse stage the drop took held-out mean CD x1000 from 6.0 to 5.2 in a
-    500-step trial, docs/training.md);
+    paper keeps it constant; with a constant rate the held-out CD of single checkpoints fluctuates, and the
+    low-rate steps improve about as much as full-rate ones while settling the end point; docs/training.md);
+  - 20 synthetic models per category in experiments/main.py (16 train, 4 test), not a config value;
   - checkpoints every 200 steps (a killed run loses at most ~20 s of sparse training).
 The argument after ':' picks the stage: sparse (default), dense or finetune.
 """
