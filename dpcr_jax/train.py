@@ -78,11 +78,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.lr_warmup_steps < config.num_train_steps:
     raise ValueError(f"config.lr_warmup_steps must be in [0, num_train_steps={config.num_train_steps}), "
                      f"got {config.lr_warmup_steps}")
-  if config.lr_schedule == "step" and not 0 < config.lr_step_at <= 1:
-    raise ValueError(f"config.lr_step_at must be in (0, 1], got {config.lr_step_at}")
-  if config.lr_schedule == "step" and round(config.lr_step_at * config.num_train_steps) <= config.lr_warmup_steps:
-    raise ValueError(f"config.lr_step_at={config.lr_step_at} puts the step inside the warm-up "
-                     f"({config.lr_warmup_steps} steps)")
+  if config.lr_schedule == "step":
+    if not 0 < config.lr_step_at <= 1:
+      raise ValueError(f"config.lr_step_at must be in (0, 1], got {config.lr_step_at}")
+    if round(config.lr_step_at * config.num_train_steps) <= config.lr_warmup_steps:
+      raise ValueError(f"config.lr_step_at={config.lr_step_at} puts the step inside the warm-up "
+                       f"({config.lr_warmup_steps} steps)")
   for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"config.{name} must be > 0, got {config[name]}")

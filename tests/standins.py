@@ -9,6 +9,7 @@ import os
 import sys
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -106,7 +107,6 @@ class ArrayIterator:
 
 
 def make_iterators(config, local_batch):
-  import jax  # pylint: disable=g-import-not-at-top
   # Like dpcr_jax.train._make_iterators: every process shuffles with its own seed.
   train_iter = ArrayIterator(local_batch, config.seed + jax.process_index(), shuffle=True)
   return train_iter, lambda: ArrayIterator(local_batch, config.seed, shuffle=False, num_epochs=1)

@@ -31,13 +31,13 @@ def _launch(workdir: str, num_steps: int) -> list[str]:
   """Runs the worker processes to completion; returns their logs."""
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(_WORKER), _REPO]))
-  procs, logs = [], []
-  for pid in range(NUM_PROCESSES):
-    log = os.path.join(workdir + f".{pid}.log")
-    logs.append(log)
-    procs.append(subprocess.Popen(
-        [sys.executable, _WORKER, workdir, str(pid), str(NUM_PROCESSES), str(port), str(num_steps)],
-        cwd=_REPO, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT))
+  logs = [f"{workdir}.{pid}.log" for pid in range(NUM_PROCESSES)]
+  procs = []
+  for pid, log in enumerate(logs):
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+      procs.append(subprocess.Popen(
+          [sys.executable, _WORKER, workdir, str(pid), str(NUM_PROCESSES), str(port), str(num_steps)],
+          cwd=_REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
   try:
     codes = [p.wait(timeout=180) for p in procs]
   finally:
@@ -54,8 +54,9 @@ def _worker_params(workdir: str, pid: int) -> list[np.ndarray]:
     return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
-def _single_device_reference(num_steps: int) -> list[np.ndarray]:
-  """The same training on one device: each global batch = process 0's local batch, then process 1's."""
+def _single_device_reference(snapshot_steps: tuple[int, ...]) -> dict[int, list[np.ndarray]]:
+  """The same training on one device (each global batch = process 0's local batch, then process 1's);
+  returns the parameter leaves after each of ``snapshot_steps``."""
   config = standins.tiny_config("sparse", "unused")
   local = GLOBAL_BATCH // NUM_PROCESSES
   iterators = [standins.ArrayIterator(local, config.seed + pid, shuffle=True) for pid in range(NUM_PROCESSES)]
@@ -63,16 +64,18 @@ def _single_device_reference(num_steps: int) -> list[np.ndarray]:
   tx = train.make_optimizer(config)
   loss_fn = lambda outputs, batch, params: standins.compute_loss("sparse", outputs, batch, params, None, "jnp")
   mesh = train.make_mesh(jax.devices()[:1])
-  state = None
+  state, snapshots = None, {}
   train_fn, _ = train.jit_steps(model, tx, loss_fn, mesh)
-  for _ in range(num_steps):
+  for step in range(1, max(snapshot_steps) + 1):
     parts = [train.select_batch(next(it), "sparse") for it in iterators]
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if state is None:
       state = train.replicate(train.create_train_state(model, tx, jax.tree.map(jnp.asarray, parts[0]),
                                                        config.seed), mesh)
     state, _ = train_fn(state, train.shard_batch(batch, mesh))
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+    if step in snapshot_steps:
+      snapshots[step] = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+  return snapshots
 
 
 def _assert_params_close(actual, expected):
@@ -83,16 +86,16 @@ def _assert_params_close(actual, expected):
 
 def test_two_process_training_matches_single_device_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
+  reference = _single_device_reference((6, 8))
   logs = _launch(workdir, num_steps=6)
   assert "4 devices, global batch 8" in logs[0], logs[0][-2000:]
   per_process = [_worker_params(workdir, pid) for pid in range(NUM_PROCESSES)]
   for a, b in zip(*per_process):  # every process holds the same replicated parameters
     np.testing.assert_array_equal(a, b)
-  _assert_params_close(per_process[0], _single_device_reference(6))
+  _assert_params_close(per_process[0], reference[6])
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())[-1] == 6
 
   logs = _launch(workdir, num_steps=8)  # a second launch continues from the shared step-6 checkpoint
   assert all("Resumed from step 6" in l for l in logs), logs[0][-2000:]
-  reference = _single_device_reference(8)
   for pid in range(NUM_PROCESSES):
-    _assert_params_close(_worker_params(workdir, pid), reference)
+    _assert_params_close(_worker_params(workdir, pid), reference[8])
