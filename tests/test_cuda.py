@@ -98,12 +98,41 @@ def _fps_numpy(xyz, npoint):
 
 
 def _sq_dists(q, r):
-  """[n, C], [m, C] -> float32 squared distances [n, m], summed over channels in order (as the handlers)."""
+  """[n, 3], [m, 3] -> float32 squared distances [n, m]: (dx^2 + dy^2) + dz^2 (csrc/distance.h's SqDist3)."""
   d = np.zeros((len(q), len(r)), np.float32)
   for c in range(q.shape[-1]):
     diff = r[None, :, c] - q[:, None, c]
     d = d + diff * diff
   return d
+
+
+def _sq_dists_c(q, r):
+  """[n, C], [m, C] -> knn's float32 squared distances [n, m] (csrc/distance.h's SqDistC): channel c is added
+  into partial sum c % 8, then ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)). numpy never fuses."""
+  s = np.zeros((8, len(q), len(r)), np.float32)
+  for c in range(q.shape[-1]):
+    diff = q[:, None, c] - r[None, :, c]
+    s[c % 8] = s[c % 8] + diff * diff
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 7, 8, 9, 16, 32, 33, 64])
+def test_knn_cpu_distances_are_the_shared_definition(channels):
+  """Runs everywhere: the CPU half of the CPU/GPU bit-identity. The CPU handler's knn distances are exactly
+  SqDistC (test_knn checks the CUDA half). Fails if the CPU build contracts into FMAs (aarch64 without
+  -ffp-contract=off) or if either backend sums the channels differently."""
+  rng = np.random.default_rng(30 + channels)
+  query = rng.standard_normal((2, 40, channels)).astype(np.float32)
+  ref = rng.standard_normal((2, 300, channels)).astype(np.float32)
+  k = 300  # every ref: all distances are compared, not only the nearest
+  call = _raw("xla_ops_knn", (2, 2), (((40, k), jnp.float32), ((40, k), jnp.int32)), k=np.int32(k))
+  dist, idx = _run(call, CPU, query, ref)
+  for b in range(2):
+    d = _sq_dists_c(query[b], ref[b])
+    np.testing.assert_array_equal(dist[b], np.take_along_axis(d, idx[b], axis=1))
+    np.testing.assert_array_equal(idx[b], np.argsort(d, axis=1, kind="stable"))
+  if channels <= 3:  # the shared definition reduces to the in-order sum (== SqDist3 at C = 3)
+    np.testing.assert_array_equal(_sq_dists_c(query[0], ref[0]), _sq_dists(query[0], ref[0]))
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -185,17 +214,25 @@ def test_group_points_out_of_range_reads_zero_on_gpu():
 
 
 @needs_gpu
-@pytest.mark.parametrize("channels,grid,k", [(3, None, 20), (3, 2, 9), (7, None, 5), (3, None, 700)])
+@pytest.mark.parametrize("channels,grid,k", [
+    (3, None, 20), (3, 2, 9), (3, None, 700),  # register kernel, C = 3
+    (7, None, 5), (7, 2, 9), (48, None, 20),   # generic kernel, queries in shared memory
+    (32, None, 20), (64, None, 20), (64, 2, 20),  # register kernels (the dense stage's sizes)
+    (100, None, 5),                            # generic kernel, queries read from global memory
+])
 def test_knn(channels, grid, k):
+  """GPU == CPU bit for bit (both compute csrc/distance.h's SqDistC) == the numpy definition, for every
+  kernel variant; before the shared definition the CUDA kernel summed channels in order and differed from
+  the CPU handler by 1 ulp in many pairs from C = 4 up."""
   rng = np.random.default_rng(3)
   query = _points(rng, 2, 300, channels, grid=grid)
-  ref = _points(rng, 2, 700, channels, grid=grid)  # 700 > one 256-point shared-memory tile
+  ref = _points(rng, 2, 700, channels, grid=grid)  # 700 > one shared-memory tile of refs
   call = _raw("xla_ops_knn", (2, 2), (((300, k), jnp.float32), ((300, k), jnp.int32)), k=np.int32(k))
   gpu, cpu = _both(call, query, ref)
   np.testing.assert_array_equal(gpu[1], cpu[1])
   np.testing.assert_array_equal(gpu[0], cpu[0])
   for b in range(2):
-    d = _sq_dists(query[b], ref[b])
+    d = _sq_dists_c(query[b], ref[b])
     order = np.argsort(d, axis=1, kind="stable")[:, :k]  # ties: lowest index first
     np.testing.assert_array_equal(gpu[1][b], order)
     np.testing.assert_array_equal(gpu[0][b], np.take_along_axis(d, order, axis=1))

@@ -20,6 +20,7 @@
 #include <string>
 
 #include "common.h"
+#include "distance.h"  // SqDist3, SqDistC: the distances shared with the CPU handlers
 
 namespace xla_ops {
 namespace cuda {
@@ -117,14 +118,6 @@ __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // ---- device helpers -------------------------------------------------------------------------------
-
-// Squared distance with round-to-nearest intrinsics: nvcc may not contract them into FMAs, so the value is
-// bit-identical to the CPU handlers' float `dx*dx + dy*dy + dz*dz`, and index-selecting ops (FPS, ball
-// query, knn, three_nn, nn_distance) resolve near-ties the same way on both platforms.
-__device__ __forceinline__ float SqDist3(float ax, float ay, float az, float bx, float by, float bz) {
-  const float dx = ax - bx, dy = ay - by, dz = az - bz;
-  return __fadd_rn(__fadd_rn(__fmul_rn(dx, dx), __fmul_rn(dy, dy)), __fmul_rn(dz, dz));
-}
 
 // Block-wide sum of `v` (blockDim.x a multiple of 32, at most 1024). Every thread gets the total. The order
 // of the additions is fixed, so the result is deterministic for a given block size. `shared` holds 32 floats.
