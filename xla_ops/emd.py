@@ -71,6 +71,15 @@ def _approx_match_jnp(xyz1, xyz2):
   return jnp.where(finite[..., None, None], match, jnp.nan)
 
 
+def _approx_match_workspace(n: int, m: int) -> int:
+  """float32 elements per example of approx_match's workspace output (used by the CUDA handler only, which
+  needs device memory it may not allocate inside a CUDA graph): remain/ratio of both sets, 2 (n + m), plus
+  the partial sums of its sums split into `slices` ranges of >= 128 points (at most 16), so that B = 32,
+  N = M = 1024 runs 8 slices = 1024 blocks (csrc/cuda/emd.cu derives `slices` from this size)."""
+  slices = max(1, min(16, min(n, m) // 128))
+  return 2 * (n + m) + slices * max(n, m)
+
+
 def _check_pair(xyz1, xyz2):
   _checks.check_points(xyz1, "xyz1")
   _checks.check_points(xyz2, "xyz2")
@@ -93,8 +102,8 @@ def approx_match(xyz1: jax.Array, xyz2: jax.Array, *, impl: str = "ffi") -> jax.
   if impl == "jnp":
     return _approx_match_jnp(xyz1, xyz2)
   n, m = xyz1.shape[-2], xyz2.shape[-2]
-  (match,) = batched_call("xla_ops_approx_match", (xyz1, xyz2), core_ndims=(2, 2),
-                          out_core=(((m, n), jnp.float32),))
+  match, _ = batched_call("xla_ops_approx_match", (xyz1, xyz2), core_ndims=(2, 2),
+                           out_core=(((m, n), jnp.float32), ((_approx_match_workspace(n, m),), jnp.float32)))
   return match
 
 
@@ -108,8 +117,9 @@ def _match_cost_grad_jnp(xyz1, xyz2, match):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _match_cost(xyz1, xyz2, match, impl):
   if impl == "ffi":
-    (cost,) = batched_call("xla_ops_match_cost", (xyz1, xyz2, match), core_ndims=(2, 2, 2),
-                           out_core=(((), jnp.float32),))
+    m = xyz2.shape[-2]  # workspace: per-row costs [m] (CUDA handler only)
+    cost, _ = batched_call("xla_ops_match_cost", (xyz1, xyz2, match), core_ndims=(2, 2, 2),
+                           out_core=(((), jnp.float32), ((m,), jnp.float32)))
     return cost
   return jnp.sum(match * jnp.sqrt(_sq_dist_matrix(xyz1, xyz2)), axis=(-2, -1))
 

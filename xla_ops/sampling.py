@@ -55,8 +55,9 @@ def farthest_point_sample(xyz: jax.Array, npoint: int, *, impl: str = "ffi") -> 
   _checks.check_positive_int(npoint, "npoint", upper=xyz.shape[-2], upper_name="the number of points N")
   xyz = jax.lax.stop_gradient(xyz)
   if impl == "ffi":
-    (idx,) = batched_call("xla_ops_farthest_point_sample", (xyz,), core_ndims=(2,),
-                          out_core=(((npoint,), jnp.int32),), npoint=np.int32(npoint))
+    n = xyz.shape[-2]  # workspace: running minimum distances [n] (CUDA handler only)
+    idx, _ = batched_call("xla_ops_farthest_point_sample", (xyz,), core_ndims=(2,),
+                          out_core=(((npoint,), jnp.int32), ((n,), jnp.float32)), npoint=np.int32(npoint))
     return idx
   batch = xyz.shape[:-2]
   flat = xyz.reshape((-1,) + xyz.shape[-2:])

@@ -263,7 +263,9 @@ void FpsExample(FpsFn loop, const float* p, int64_t n, int64_t npoint, FpsWorksp
   loop(s, first_pos, npoint, out);
 }
 
-ffi::Future FpsImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, int32_t npoint, ffi::Result<ffi::AnyBuffer> idx) {
+// `workspace` ([..., N] float32) is used by the CUDA handler only; both platforms share the call signature.
+ffi::Future FpsImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, int32_t npoint, ffi::Result<ffi::AnyBuffer> idx,
+                    ffi::Result<ffi::AnyBuffer> /*workspace*/) {
   auto fail = [](ffi::Error e) {
     ffi::Promise p;
     ffi::Future f(p);
@@ -298,7 +300,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FarthestPointSampleCpu, FpsImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<int32_t>("npoint")
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()    // idx
+                                  .Ret<ffi::AnyBuffer>());  // workspace (CUDA only)
 XLA_OPS_REGISTER(kOp, FarthestPointSampleCpu);
 
 }  // namespace xla_ops

@@ -1,9 +1,11 @@
 // Shared helpers for the xla_ops CUDA handlers: shape validation (same rules as the CPU handlers, so a bad
-// call is rejected with InvalidArgument before anything is launched), launch-error reporting, grid sizing,
-// scratch memory and the block reductions the kernels share.
+// call is rejected with InvalidArgument before anything is launched), launch-error reporting, grid sizing
+// and the block reductions the kernels share.
 //
 // Conventions on top of common.h:
-//  * Every handler runs on XLA's stream (.Ctx<ffi::PlatformStream<cudaStream_t>>()) and never synchronises.
+//  * Every handler runs on XLA's stream (.Ctx<ffi::PlatformStream<cudaStream_t>>()) and never synchronises or
+//    allocates (temporary device memory is an extra "workspace" output), so every handler declares
+//    ffi::Traits::kCmdBufferCompatible and XLA can capture it into a CUDA graph.
 //  * Every launch is followed by CheckLaunch(), which turns cudaGetLastError() into ffi::Error::Internal.
 //  * Offsets into [B, N, ...] arrays are int64 (B*N*M overflows int32 for dense point sets).
 //  * Grids are one-dimensional (gridDim.x allows 2^31-1 blocks; y and z stop at 65535), either grid-stride
@@ -86,20 +88,6 @@ inline ffi::Error CheckCuda(const char* op, cudaError_t err) {
 inline ffi::Error ZeroAsync(const char* op, void* data, size_t bytes, cudaStream_t stream) {
   if (bytes == 0) return ffi::Error::Success();
   return CheckCuda(op, cudaMemsetAsync(data, 0, bytes, stream));
-}
-
-// Device scratch from XLA's allocator. It is released when the ScratchAllocator is destroyed, i.e. when the
-// handler returns; this is safe because XLA's allocator is ordered on the same stream as our kernels (the
-// pattern jaxlib's own GPU kernels use for their workspaces).
-template <typename T>
-inline ffi::ErrorOr<T*> AllocateScratch(const char* op, ffi::ScratchAllocator& scratch, int64_t count) {
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
-  std::optional<void*> ptr = scratch.Allocate(bytes, 256);
-  if (!ptr.has_value() || *ptr == nullptr)
-    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                                      std::string(op) + ": could not allocate " + std::to_string(bytes) +
-                                          " bytes of scratch memory"));
-  return static_cast<T*>(*ptr);
 }
 
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();

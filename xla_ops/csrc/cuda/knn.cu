@@ -220,7 +220,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KnnCuda, KnnImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<int32_t>("k")
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kOp, KnnCuda);
 
 }  // namespace cuda
