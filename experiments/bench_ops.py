@@ -254,6 +254,8 @@ TARGETS = {  # case -> (other implementation, minimum speed-up of ffi over it)
     "knn": [("jnp (top_k)", 4.0)],
     "approx_match+match_cost": [("jnp", 10.0)],
 }
+GPU_POINTER = ("GPU: the same ops at the paper's sizes on one GPU, ffi vs jnp, are measured by "
+               "`python -m experiments.gpu_check` (`bench_ops --gpu`); results and status in docs/gpu.md.")
 GPU_TARGETS = {  # the same on one GPU (issue 10), ffi vs jnp measured in the same run
     "nn_distance": [("jnp (chunked)", 10.0)],
     "chamfer_distance value+grad": [("jnp (chunked)", 10.0)],
@@ -482,6 +484,8 @@ def main(argv):
         "",
         "x of limit: median time / (flops / peak fp32 rate). Flop counts are brute-force counts (below), "
         "so for tree-based searches a value below 1 means faster than any brute-force evaluation.",
+        "",
+        GPU_POINTER,
     ]
   lines = [
       *intro,
