@@ -40,6 +40,9 @@ _MODEL_MODULE = flags.DEFINE_string(
     "module instead of dpcr_jax (experiments/gpu_check.py --cpu-smoke: tests/standins.py's tiny models).")
 
 
+LEARNING_RATE = 3e-5  # Adam; experiments/gpu_check.py's train smoke uses it too (same step, cached compile)
+
+
 @dataclasses.dataclass
 class ModelApi:
   """What a training step needs: the stage's module for an ops backend, its loss, and the data shapes."""
@@ -98,7 +101,7 @@ def main(argv):
   api = model_api(_MODEL_MODULE.value, _IMAGE.value)
   b, stage = _BATCH.value, _STAGE.value
   batch = jax.device_put(synthetic_batch(api, b))
-  optimizer = optax.adam(3e-5)
+  optimizer = optax.adam(LEARNING_RATE)
   # rbg keys: the threefry init graph of this model takes minutes to compile on CPU.
   init_model = api.build(stage, "ffi")
   variables = jax.jit(functools.partial(init_model.init, train=False))(jax.random.key(0, impl="rbg"), batch)

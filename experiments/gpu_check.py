@@ -10,7 +10,8 @@ and the later steps still run, within --budget-s overall):
 2. build: ``XLA_OPS_CUDA=ON XLA_OPS_CUDA_ARCHS=<this GPU's> pip install --no-build-isolation --no-deps -e .``
    then checks that ``xla_ops._xla_ops_cuda`` imports and registers every target.
 3. pytest: the whole suite with the GPU as JAX's default device (tests/conftest.py pins the CPU-semantics
-   tests to the CPU; tests/test_cuda.py compares every CUDA handler with the CPU handler and numpy).
+   tests to the CPU; tests/test_cuda.py compares every CUDA handler with the CPU handler and numpy), in 4
+   pytest-xdist workers when xdist is installed (it is on the lent machine).
 4. bench_ops --gpu: ffi vs jnp on the same GPU at the paper's sizes (nn_distance / chamfer value+grad B=32
    N=M=16384, FPS B=32 16384 -> 4096, knn B=32 N=4096 C=64 k=20, ball_query B=32 N=16384 M=1024,
    approx_match+match_cost B=32 N=M=1024 and B=4 N=M=16384), with XLA's memory accounting and each time as
@@ -22,6 +23,10 @@ and the later steps still run, within --budget-s overall):
    trained stages' parameters), ffi ops; records losses and steps/s. It uses the model, losses and optax
    directly, not dpcr_jax.train (whose data pipeline needs grain, and checkpointing orbax): it proves the
    GPU training computation, not the input pipeline.
+
+All steps share one persistent compilation cache (DIR/jax_cache). --steps runs a subset (e.g. a second call
+with --skip-build --steps=bench_step,train_smoke finishes a run that hit the budget); the report reads every
+step's JSON from DIR, so results of an earlier call into the same DIR stay in it.
 
 Then it writes DIR/gpu.md (and, for a GPU run, docs/gpu.md): versions, GPU, a table per step, every ratio
 against the targets of issue 10 (nn_distance >= 10x chunked jnp, knn C=64 >= 3x jnp top_k, FPS >= 10x jnp
@@ -65,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -75,6 +81,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("build", "pytest", "bench_ops", "bench_step", "train_smoke")
 STEP_TARGET = 1.5  # finetune step: jnp time / ffi time (issue 10)
 
 
@@ -174,14 +181,14 @@ def train_worker(args) -> dict:
   import jax
   import numpy as np
   import optax
-  from experiments.bench_step import _make_step, model_api
+  from experiments.bench_step import LEARNING_RATE, _make_step, model_api
   api = model_api(args.model_module, args.image_size)
   data = synthetic_shapes(4 * args.batch_size, api.image_size, api.n_sparse, api.n_dense)
   num = len(data["image"])
   results, trained = {}, {}
   for stage in ("sparse", "dense", "finetune"):
     model = api.build(stage, "ffi")
-    optimizer = optax.adam(1e-4)
+    optimizer = optax.adam(LEARNING_RATE)
     first = jax.tree.map(lambda x: x[: args.batch_size], data)
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0, impl="rbg"), first)
     params, stats = variables["params"], variables.get("batch_stats", {})
@@ -299,6 +306,10 @@ def main(argv=None):
   parser.add_argument("--train-steps", type=int, default=None, help="Steps per stage (default 100; smoke 3).")
   parser.add_argument("--docs", default=None, help="Also write the report here (default: docs/gpu.md for a GPU "
                       "run, nowhere for --cpu-smoke).")
+  parser.add_argument("--steps", default=",".join(STEPS), help=f"Comma-separated subset of {','.join(STEPS)} "
+                      "(e.g. to finish a run that hit the budget: --skip-build --steps=bench_step,train_smoke).")
+  parser.add_argument("--pytest-workers", type=int, default=None,
+                      help="pytest-xdist workers for the GPU run (default 4 when xdist is installed, else 0).")
   parser.add_argument("--train-worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--model-module", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--image-size", type=int, default=256, help=argparse.SUPPRESS)
@@ -330,46 +341,61 @@ def main(argv=None):
     print("gpu_check: JAX sees no GPU (use --cpu-smoke on a CPU machine)", file=sys.stderr)
     sys.exit(2)
 
+  selected = set(args.steps.split(","))
+  if selected - set(STEPS):
+    parser.error(f"--steps: unknown {sorted(selected - set(STEPS))}; choose from {STEPS}")
+  # One persistent compilation cache for every step: the train smoke's finetune step is bench_step's.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.out, "jax_cache"))
+
   # 2. build
   cc = str(info.get("compute_capability") or "9.0").replace(".", "")
   build_cmd = [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."]
   check_cmd = [py, "-c", "import xla_ops, importlib; m = importlib.import_module('xla_ops._xla_ops_{}'); "
                "print(sorted(m.registrations()))".format("cpu" if args.cpu_smoke else "cuda")]
-  if args.cpu_smoke or args.skip_build:
-    runner.steps.append(dict(name="build", status="skipped (" + ("--cpu-smoke" if args.cpu_smoke else "--skip-build")
-                             + f"): would run XLA_OPS_CUDA=ON XLA_OPS_CUDA_ARCHS={cc} {' '.join(build_cmd[1:])}",
-                             seconds=0.0))
-  else:
-    runner.run("build", build_cmd, 240, env={"XLA_OPS_CUDA": "ON", "XLA_OPS_CUDA_ARCHS": cc})
+  if "build" in selected:
+    if args.cpu_smoke or args.skip_build:
+      why = "--cpu-smoke" if args.cpu_smoke else "--skip-build"
+      runner.steps.append(dict(name="build", status=f"skipped ({why}): would run XLA_OPS_CUDA=ON "
+                               f"XLA_OPS_CUDA_ARCHS={cc} {' '.join(build_cmd[1:])}", seconds=0.0))
+    else:
+      runner.run("build", build_cmd, 240, env={"XLA_OPS_CUDA": "ON", "XLA_OPS_CUDA_ARCHS": cc})
   runner.run("extension", check_cmd, 60)
 
-  # 3. pytest
-  tests = ["tests/test_cuda.py"] if args.cpu_smoke else ["tests"]
-  _, out = runner.run("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], 240)
-  summary = next((l.strip("= ") for l in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed)", l)), "")
+  # 3. pytest (the GPU run in parallel workers when pytest-xdist is there; no GPU memory preallocation then)
+  summary = ""
+  if "pytest" in selected:
+    tests = ["tests/test_cuda.py"] if args.cpu_smoke else ["tests"]
+    workers = args.pytest_workers
+    if workers is None:
+      workers = 4 if (gpu and importlib.util.find_spec("xdist") is not None) else 0
+    extra = ["-n", str(workers)] if workers else []
+    _, out = runner.run("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, *tests], 240,
+                        env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    summary = next((l.strip("= ") for l in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed)", l)), "")
 
-  # 4. bench_ops
+  # 4. bench_ops (one process: the memory figures come from XLA's accounting, not from the process)
   ops_json = os.path.join(args.out, "bench_ops.json")
-  ops_cmd = [py, "-m", "experiments.bench_ops", "--gpu", f"--out={os.path.join(args.out, 'bench_ops.md')}",
-             f"--json={ops_json}"]
-  if args.cpu_smoke:
-    ops_cmd += ["--quick", "--isolate=false", "--cases=nn_distance,knn,approx_match+match_cost"]
-  else:
-    ops_cmd += ["--repeats=5"]
-  runner.run("bench_ops", ops_cmd, 150)
+  if "bench_ops" in selected:
+    ops_cmd = [py, "-m", "experiments.bench_ops", "--gpu", "--isolate=false",
+               f"--out={os.path.join(args.out, 'bench_ops.md')}", f"--json={ops_json}"]
+    ops_cmd += (["--quick", "--cases=nn_distance,knn,approx_match+match_cost"] if args.cpu_smoke
+                else ["--repeats=5"])
+    runner.run("bench_ops", ops_cmd, 180)
 
   # 5. bench_step
   step_json = os.path.join(args.out, "bench_step.json")
-  step_cmd = [py, "-m", "experiments.bench_step", f"--json={step_json}"]
-  step_cmd += (["--model_module=standins", "--batch_size=2", "--steps=1"] if args.cpu_smoke
-               else ["--batch_size=10", "--steps=5", "--image_size=256"])
-  runner.run("bench_step", step_cmd, 150)
+  if "bench_step" in selected:
+    step_cmd = [py, "-m", "experiments.bench_step", f"--json={step_json}"]
+    step_cmd += (["--model_module=standins", "--batch_size=2", "--steps=1"] if args.cpu_smoke
+                 else ["--batch_size=10", "--steps=5", "--image_size=256"])
+    runner.run("bench_step", step_cmd, 200)
 
   # 6. train smoke
-  train_cmd = [py, "-m", "experiments.gpu_check", "--train-worker", f"--out={args.out}",
-               f"--train-steps={args.train_steps}"]
-  train_cmd += (["--model-module=standins", "--batch-size=2"] if args.cpu_smoke else ["--batch-size=10"])
-  runner.run("train_smoke", train_cmd, 150)
+  if "train_smoke" in selected:
+    train_cmd = [py, "-m", "experiments.gpu_check", "--train-worker", f"--out={args.out}",
+                 f"--train-steps={args.train_steps}"]
+    train_cmd += (["--model-module=standins", "--batch-size=2"] if args.cpu_smoke else ["--batch-size=10"])
+    runner.run("train_smoke", train_cmd, 200)
 
   text = report(args, info, runner, summary, _read_json(ops_json), _read_json(step_json),
                 _read_json(os.path.join(args.out, "train_smoke.json")))
