@@ -192,7 +192,8 @@ def train_worker(args) -> dict:
     first = jax.tree.map(lambda x: x[: args.batch_size], data)
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0, impl="rbg"), first)
     params, stats = variables["params"], variables.get("batch_stats", {})
-    if stage == "finetune" and {"sparse", "dense"} <= set(params):  # start from the two trained stages
+    from_trained = stage == "finetune" and {"sparse", "dense"} <= set(params)
+    if from_trained:  # start from the two trained stages, as the paper's finetune does
       params = {**params, "sparse": trained["sparse"][0], "dense": trained["dense"][0]}
       stats = {**stats, **{k: trained[k][1] for k in ("sparse", "dense") if k in stats}}
     step = _make_step(model, api.loss_config, "ffi", optimizer, stage, api.compute_loss)
@@ -214,7 +215,7 @@ def train_worker(args) -> dict:
     results[stage] = dict(compile_s=compile_s, steps=len(losses), seconds=seconds,
                           steps_per_s=len(losses) / seconds, images_per_s=len(losses) * args.batch_size / seconds,
                           first_loss=float(np.mean(losses[:k])), last_loss=float(np.mean(losses[-k:])),
-                          finite=bool(np.all(np.isfinite(losses))))
+                          finite=bool(np.all(np.isfinite(losses))), from_trained_stages=from_trained)
     print(f"{stage}: {results[stage]}", flush=True)
   return dict(batch_size=args.batch_size, image_size=api.image_size, n_sparse=api.n_sparse, n_dense=api.n_dense,
               device=str(jax.devices()[0]), stages=results)
@@ -286,6 +287,9 @@ def report(args, env: dict, runner: Runner, pytest_summary: str, ops: dict | Non
     for stage, r in train["stages"].items():
       lines.append(f"| {stage} | {r['steps']} | {r['compile_s']:.1f} s | {r['steps_per_s']:.2f} | "
                    f"{r['images_per_s']:.1f} | {r['first_loss']:.5g} | {r['last_loss']:.5g} | {r['finite']} |")
+    finetune = train["stages"].get("finetune", {})
+    lines += ["", "finetune started from the trained sparse and dense parameters: "
+              f"{finetune.get('from_trained_stages', False)}"]
   else:
     lines.append("No results (see the steps table and train_smoke.log).")
   lines += ["", PREPARATION]

@@ -25,6 +25,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
   train = json.loads((tmp_path / "train_smoke.json").read_text())
   assert list(train["stages"]) == ["sparse", "dense", "finetune"]
   assert all(s["finite"] and s["steps"] == 3 for s in train["stages"].values())
+  assert train["stages"]["finetune"]["from_trained_stages"]
   assert "pip install --no-build-isolation --no-index --find-links shared/wheels" in report
   # A smoke run never touches the GPU report in docs/.
   assert (open(docs).read() if os.path.exists(docs) else None) == before
