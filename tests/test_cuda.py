@@ -423,7 +423,7 @@ def test_handlers_run_inside_cuda_graphs():
   import subprocess
   import sys
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=+CUSTOM_CALL"
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
                       " --xla_gpu_graph_min_graph_size=1").strip()
   proc = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_SCRIPT], env=env, capture_output=True, text=True,
                         timeout=300)
