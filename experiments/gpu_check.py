@@ -1,4 +1,4 @@
-"""One command that proves the GPU path and records every number the first GPU hour should produce.
+r"""One command that proves the GPU path and records every number the first GPU hour should produce.
 
   python -m experiments.gpu_check --out DIR            # on a machine with one NVIDIA GPU (~8 min on an H200)
   python -m experiments.gpu_check --out DIR --cpu-smoke  # the same steps at tiny sizes on the CPU (CI, <1 min)
@@ -43,26 +43,27 @@ Preparing the GPU machine
 The lent machine has no network. It already has Python 3.12, jax 0.11 with the CUDA 13 plugin, nvcc 13,
 flax, optax, orbax-checkpoint, chex, pybind11, scikit-build-core, cmake, ninja, h5py, imageio, pillow,
 scipy, pytest, pyyaml, absl-py, etils, cloudpickle, protobuf and tqdm (the device README's KINDS.md). Carry
-the eight missing wheels (cp312, manylinux x86_64; 5.5 MB) in shared/wheels/, fetched where there is
-network:
+the nine missing wheels (cp312, manylinux x86_64; 38 MB, POT 32 MB of it) in shared/wheels/, fetched where
+there is network:
 
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
         --platform any -d shared/wheels ml-collections grain array-record portpicker trimesh tensorboardX \
-        moderngl glcontext
+        moderngl glcontext POT
 
 (on 2026-12-03: ml_collections 1.1.0, grain 0.2.18, array_record 0.8.6, portpicker 1.6.0, trimesh 5.2.0,
-tensorboardx 2.6.5, moderngl 5.13.0, glcontext 3.1.0; every other dependency of theirs is on the machine).
-Then, on the GPU machine, from the repository root:
+tensorboardx 2.6.5, moderngl 5.13.0, glcontext 3.1.0, pot 0.9.7.post1; every other dependency of theirs is
+on the machine). Then, on the GPU machine, from the repository root:
 
     pip install --no-build-isolation --no-index --find-links shared/wheels \
-        ml-collections grain trimesh tensorboardX moderngl
+        ml-collections grain trimesh tensorboardX moderngl POT
     python -m experiments.gpu_check --out /tmp/gpu_check
 
 ml-collections is needed by the model code (the bench_step and train-smoke steps fail at import without it,
-and the report says so); grain, trimesh, tensorboardX and moderngl by parts of the test suite (without them
-those tests fail in the pytest step); fpsample and POT only by bench_ops' CPU comparisons, which --gpu does
-not run. gpu_check builds the CUDA extension itself
+and the report says so); grain, trimesh, tensorboardX, moderngl and POT by parts of the test suite (without
+them those tests fail in the pytest step; tests/test_bench_smoke.py checks POT's exact-EMD comparison).
+fpsample is optional (bench_ops skips its CPU comparison without it; --gpu never runs it). gpu_check builds
+the CUDA extension itself
 (XLA_OPS_CUDA=ON XLA_OPS_CUDA_ARCHS=<this GPU> pip install --no-build-isolation --no-deps -e .), and the
 whole check must fit in 8 minutes on one H200, build included (--budget-s, default 480).
 """
