@@ -2,8 +2,10 @@
 
 The first pick is index 0; every point keeps its running minimum squared distance to the picked set
 (starting at +inf) and the next pick is the argmax, ties going to the lowest index. The output order has the
-prefix property: ``fps(P, 4096)[..., :1024] == fps(P, 1024)``. Once every distinct point is picked (inputs
-with duplicates, npoint close to N) all distances are 0 and the remaining picks are index 0.
+prefix property: ``fps(P, 4096)[..., :1024] == fps(P, 1024)``. A picked point is never picked again,
+whatever its coordinates: its distance is retired to -1. Once every distinct point is picked (inputs with
+duplicates, npoint close to N) the remaining distances are 0 and the picks continue with the lowest unpicked
+indices, so the output always holds npoint distinct indices (PyTorch3D's sample_farthest_points does the same).
 
 Differences from the original GPU kernel: its tree reduction breaks ties by thread id, not strictly by the
 lowest index, and its running distance starts at 1e38 instead of +inf; the picks agree whenever there are
@@ -11,7 +13,8 @@ no exact ties.
 
 NaN coordinates: a NaN distance never replaces a running minimum, so a NaN point keeps distance +inf and is
 picked as soon as no point with a larger distance remains (lowest NaN index first); if a picked point is
-NaN, that pass updates nothing. Every output index is in ``[0, N)``; no error is raised.
+NaN, that pass updates nothing (the next pick is the lowest unpicked index still at +inf). Every output
+index is in ``[0, N)`` and distinct; no error is raised.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ def _fps_jnp(xyz: jax.Array, npoint: int) -> jax.Array:
 
   def body(t, state):
     dist, idx = state
+    dist = dist.at[idx[t - 1]].set(-1.0)  # a picked point is never picked again
     c = xyz[idx[t - 1]]
     dx, dy, dz = x - c[0], y - c[1], z - c[2]
     d = dx * dx + dy * dy + dz * dz

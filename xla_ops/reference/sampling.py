@@ -8,7 +8,7 @@ def farthest_point_sample(xyz: np.ndarray, npoint: int) -> np.ndarray:
   """xyz [..., N, 3] -> int32 [..., npoint]: FPS from index 0, ties to the lowest index.
 
   Running squared distances (float32, ``(dx*dx + dy*dy) + dz*dz``) start at +inf; a NaN distance never
-  replaces a running minimum.
+  replaces a running minimum; a picked point's distance becomes -1, so no point is picked twice.
   """
   xyz = np.asarray(xyz, np.float32)
   flat = xyz.reshape((-1,) + xyz.shape[-2:])
@@ -18,6 +18,7 @@ def farthest_point_sample(xyz: np.ndarray, npoint: int) -> np.ndarray:
       dist = np.full(len(points), np.inf, np.float32)
       pick = 0
       for t in range(1, npoint):
+        dist[pick] = -1.0
         diff = points - points[pick]
         d = (diff[:, 0] * diff[:, 0] + diff[:, 1] * diff[:, 1]) + diff[:, 2] * diff[:, 2]
         closer = d < dist
