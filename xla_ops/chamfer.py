@@ -48,27 +48,38 @@ def _nearest_jnp(x, y, chunk: int = 1024):
   return _jnp.map_queries(nearest, x, y, chunk)[0]
 
 
-def nn_distance(a: jax.Array, b: jax.Array, *, impl: str = "ffi"):
-  """Nearest neighbours in both directions.
-
-  Args:
-    a: float32 [..., N, 3].
-    b: float32 [..., M, 3], same batch shape as ``a``.
-    impl: "ffi" (custom call) or "jnp" (chunked pure-jnp baseline).
-  Returns:
-    (dist_ab [..., N] f32, idx_ab [..., N] i32, dist_ba [..., M] f32, idx_ba [..., M] i32); distances are
-    squared; differentiable w.r.t. ``a`` and ``b`` through the distances.
-  """
-  _checks.check_impl(impl)
-  _checks.check_points(a, "a")
-  _checks.check_points(b, "b")
-  _checks.check_same_batch("a", a.shape[:-2], "b", b.shape[:-2])
+def _nn_distance_f32(a, b, impl):
+  """nn_distance of float32 a [..., N, 3], b [..., M, 3] (checked); distances float32."""
   sa, sb = jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
   if impl == "ffi":
     idx_ab, idx_ba = _nn_indices_ffi(sa, sb)
   else:
     idx_ab, idx_ba = _nearest_jnp(sa, sb), _nearest_jnp(sb, sa)
   return _sq_dist_to(a, b, idx_ab), idx_ab, _sq_dist_to(b, a, idx_ba), idx_ba
+
+
+def _check_pair(a, b, impl):
+  _checks.check_impl(impl)
+  _checks.check_points(a, "a")
+  _checks.check_points(b, "b")
+  _checks.check_same_batch("a", a.shape[:-2], "b", b.shape[:-2])
+
+
+def nn_distance(a: jax.Array, b: jax.Array, *, impl: str = "ffi"):
+  """Nearest neighbours in both directions.
+
+  Args:
+    a: float32 [..., N, 3] (float16 / bfloat16: computed in float32).
+    b: float32 [..., M, 3], same batch shape as ``a``.
+    impl: "ffi" (custom call) or "jnp" (chunked pure-jnp baseline).
+  Returns:
+    (dist_ab [..., N], idx_ab [..., N] i32, dist_ba [..., M], idx_ba [..., M] i32); distances are squared,
+    in the promoted input dtype; differentiable w.r.t. ``a`` and ``b`` through the distances.
+  """
+  _check_pair(a, b, impl)
+  dtype = _checks.out_dtype(a, b)
+  d_ab, idx_ab, d_ba, idx_ba = _nn_distance_f32(*_checks.to_f32(a, b), impl)
+  return d_ab.astype(dtype), idx_ab, d_ba.astype(dtype), idx_ba
 
 
 def chamfer_distance(a: jax.Array, b: jax.Array, *, weight_ab: float = 1.0, weight_ba: float = 1.0,
@@ -82,6 +93,8 @@ def chamfer_distance(a: jax.Array, b: jax.Array, *, weight_ab: float = 1.0, weig
   """
   if reduction not in ("mean", "none"):
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-  d_ab, _, d_ba, _ = nn_distance(a, b, impl=impl)
+  _check_pair(a, b, impl)
+  dtype = _checks.out_dtype(a, b)
+  d_ab, _, d_ba, _ = _nn_distance_f32(*_checks.to_f32(a, b), impl)  # reduced in float32
   per_example = weight_ab * jnp.mean(d_ab, axis=-1) + weight_ba * jnp.mean(d_ba, axis=-1)
-  return jnp.mean(per_example) if reduction == "mean" else per_example
+  return (jnp.mean(per_example) if reduction == "mean" else per_example).astype(dtype)

@@ -74,7 +74,7 @@ def ball_query(xyz: jax.Array, new_xyz: jax.Array, radius: float, nsample: int, 
   _checks.check_same_batch("xyz", xyz.shape[:-2], "new_xyz", new_xyz.shape[:-2])
   radius = _check_radius(radius)
   _checks.check_positive_int(nsample, "nsample")
-  xyz, new_xyz = jax.lax.stop_gradient(xyz), jax.lax.stop_gradient(new_xyz)
+  xyz, new_xyz = _checks.to_f32(jax.lax.stop_gradient(xyz), jax.lax.stop_gradient(new_xyz))
   m = new_xyz.shape[-2]
   if impl == "ffi":
     return batched_call("xla_ops_ball_query", (xyz, new_xyz), core_ndims=(2, 2),
@@ -137,9 +137,10 @@ def group_points(points: jax.Array, idx: jax.Array, *, impl: str = "ffi") -> jax
   _checks.check_points(points, "points", channels=None)
   _checks.check_indices(idx, "idx", ndim_min=2)
   _checks.check_same_batch("points", points.shape[:-2], "idx", idx.shape[:-2])
-  if impl == "ffi":
-    return _group_points_ffi(points, idx)
-  return _gather_jnp(points, idx)
+  dtype = points.dtype
+  (points,) = _checks.to_f32(points)  # the kernels are float32; a gather is exact, so casting back is too
+  out = _group_points_ffi(points, idx) if impl == "ffi" else _gather_jnp(points, idx)
+  return out.astype(dtype)
 
 
 # ---- knn ----------------------------------------------------------------------------------------------
@@ -193,6 +194,8 @@ def knn(query: jax.Array, ref: jax.Array, k: int, *, impl: str = "ffi"):
     raise ValueError(f"query and ref must have the same channel count, got query shape {query.shape} and "
                      f"ref shape {ref.shape}")
   _checks.check_positive_int(k, "k", upper=ref.shape[-2], upper_name="the number of ref points N")
+  dtype = _checks.out_dtype(query, ref)
+  query, ref = _checks.to_f32(query, ref)
   sq, sr = jax.lax.stop_gradient(query), jax.lax.stop_gradient(ref)
   if impl == "ffi":
     dist, idx = batched_call("xla_ops_knn", (sq, sr), core_ndims=(2, 2),
@@ -200,4 +203,4 @@ def knn(query: jax.Array, ref: jax.Array, k: int, *, impl: str = "ffi"):
                              k=np.int32(k))
   else:
     dist, idx = _jnp.map_queries(lambda q, p: _knn_one(q, p, k), sq, sr, _QUERY_CHUNK)
-  return _differentiable_knn_dist(query, ref, idx, dist), idx
+  return _differentiable_knn_dist(query, ref, idx, dist).astype(dtype), idx

@@ -48,7 +48,7 @@ def farthest_point_sample(xyz: jax.Array, npoint: int, *, impl: str = "ffi") -> 
   """Farthest point sampling from index 0.
 
   Args:
-    xyz: float32 [..., N, 3].
+    xyz: float32 [..., N, 3] (float16 / bfloat16 are computed in float32).
     npoint: number of points to pick, 1 <= npoint <= N (a Python int).
     impl: "ffi" (custom call; examples run in parallel, each on one thread) or "jnp" (lax.fori_loop).
   Returns:
@@ -57,7 +57,7 @@ def farthest_point_sample(xyz: jax.Array, npoint: int, *, impl: str = "ffi") -> 
   _checks.check_impl(impl)
   _checks.check_points(xyz, "xyz")
   _checks.check_positive_int(npoint, "npoint", upper=xyz.shape[-2], upper_name="the number of points N")
-  xyz = jax.lax.stop_gradient(xyz)
+  (xyz,) = _checks.to_f32(jax.lax.stop_gradient(xyz))
   if impl == "ffi":
     (idx,) = batched_call("xla_ops_farthest_point_sample", (xyz,), core_ndims=(2,),
                           out_core=(((npoint,), jnp.int32),), npoint=np.int32(npoint))
