@@ -82,19 +82,85 @@ def nn_distance(a: jax.Array, b: jax.Array, *, impl: str = "ffi"):
   return d_ab.astype(dtype), idx_ab, d_ba.astype(dtype), idx_ba
 
 
+POINT_REDUCTIONS = ("mean", "sum", "max", "none")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _euclidean(d2: jax.Array) -> jax.Array:
+  """sqrt of squared distances with gradient 0 (not inf) where the distance is 0."""
+  positive = d2 > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, d2, 1.0)), 0.0)
+
+
+def _reduce_points(d: jax.Array, point_reduction: str) -> jax.Array:
+  if point_reduction == "mean":
+    return jnp.mean(d, axis=-1)
+  if point_reduction == "sum":
+    return jnp.sum(d, axis=-1)
+  return jnp.max(d, axis=-1)
+
+
 def chamfer_distance(a: jax.Array, b: jax.Array, *, weight_ab: float = 1.0, weight_ba: float = 1.0,
-                     reduction: str = "mean", impl: str = "ffi") -> jax.Array:
-  """Chamfer distance ``weight_ab * mean d(a->b) + weight_ba * mean d(b->a)`` (squared distances).
+                     reduction: str = "mean", point_reduction: str = "mean", single_directional: bool = False,
+                     squared: bool = True, weights: jax.Array | None = None, impl: str = "ffi"):
+  """Chamfer distance; by default ``mean over examples of (weight_ab * mean_i d(a_i, b) + weight_ba * mean_j
+  d(b_j, a))`` with squared distances d (the original's loss).
 
   Args:
-    a, b: float32 [..., N, 3] and [..., M, 3].
+    a, b: float32 / float16 / bfloat16 [..., N, 3] and [..., M, 3], same batch shape.
     weight_ab, weight_ba: weights of the two directions (the original sparse loss uses 0.55 on pred->gt).
-    reduction: "mean" (over batch and points together, as the original), or "none" (per example [...]).
+    reduction: over the examples: "mean" (of the per-example values; with ``weights``, the weighted mean
+      ``sum(w * x) / sum(w)``, 0 when ``sum(w) == 0``, as PyTorch3D), "sum", or "none" (per example [...]).
+    point_reduction: over each example's points, per direction: "mean", "sum", "max" (with
+      ``squared=False`` and unit weights, the Hausdorff distance: the two directions are combined by max, as
+      PyTorch3D) or "none" (per-point values; then ``reduction`` must be "none").
+    single_directional: only the a -> b term (``weight_ba`` is ignored), as PyTorch3D's option.
+    squared: squared Euclidean distances (default) or, if False, Euclidean distances (their gradient at a
+      zero distance is 0).
+    weights: optional per-example weights, shape = the batch shape [...] (not checked for sign).
+    impl: "ffi" or "jnp" (for the nearest-neighbour search).
+  Returns:
+    point_reduction != "none": a scalar (reduction "mean" / "sum") or [...] ("none").
+    point_reduction == "none": per-point values ``(weight_ab * w * d_ab [..., N], weight_ba * w * d_ba
+    [..., M])``, or just the first array when ``single_directional``.
+    Floating results have the promoted input dtype (computed and reduced in float32).
   """
-  if reduction not in ("mean", "none"):
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+  if point_reduction not in POINT_REDUCTIONS:
+    raise ValueError(f"point_reduction must be one of {POINT_REDUCTIONS}, got {point_reduction!r}")
+  if point_reduction == "none" and reduction != "none":
+    raise ValueError(f"point_reduction='none' returns per-point values: reduction must be 'none', got {reduction!r}")
   _check_pair(a, b, impl)
-  dtype = _checks.out_dtype(a, b)
+  batch = tuple(a.shape[:-2])
+  if weights is not None:
+    _checks.check_float_dtype(weights, "weights")
+    if tuple(weights.shape) != batch:
+      raise ValueError(f"weights must have the batch shape {batch}, got shape {tuple(weights.shape)}")
+  dtype = _checks.out_dtype(a, b) if weights is None else _checks.out_dtype(a, b, weights)
   d_ab, _, d_ba, _ = _nn_distance_f32(*_checks.to_f32(a, b), impl)  # reduced in float32
-  per_example = weight_ab * jnp.mean(d_ab, axis=-1) + weight_ba * jnp.mean(d_ba, axis=-1)
-  return (jnp.mean(per_example) if reduction == "mean" else per_example).astype(dtype)
+  if not squared:
+    d_ab, d_ba = _euclidean(d_ab), _euclidean(d_ba)
+  w = None if weights is None else _checks.to_f32(weights)[0]
+  if point_reduction == "none":
+    scale = (lambda d: d) if w is None else (lambda d: d * w[..., None])
+    out_ab = scale(weight_ab * d_ab).astype(dtype)
+    return out_ab if single_directional else (out_ab, scale(weight_ba * d_ba).astype(dtype))
+  term_ab = weight_ab * _reduce_points(d_ab, point_reduction)
+  if single_directional:
+    per_example = term_ab
+  else:
+    term_ba = weight_ba * _reduce_points(d_ba, point_reduction)
+    per_example = jnp.maximum(term_ab, term_ba) if point_reduction == "max" else term_ab + term_ba
+  if w is not None:
+    per_example = per_example * w
+  if reduction == "none":
+    out = per_example
+  elif reduction == "sum":
+    out = jnp.sum(per_example)
+  elif w is None:
+    out = jnp.mean(per_example)
+  else:
+    total = jnp.sum(w)
+    out = jnp.where(total != 0, jnp.sum(per_example) / jnp.where(total != 0, total, 1.0), 0.0)
+  return out.astype(dtype)

@@ -44,20 +44,41 @@ def _fps_jnp(xyz: jax.Array, npoint: int) -> jax.Array:
   return jax.lax.fori_loop(1, npoint, body, (dist0, idx0))[1]
 
 
-def farthest_point_sample(xyz: jax.Array, npoint: int, *, impl: str = "ffi") -> jax.Array:
-  """Farthest point sampling from index 0.
+def farthest_point_sample(xyz: jax.Array, npoint: int, *, key: jax.Array | None = None,
+                          start: jax.Array | None = None, impl: str = "ffi") -> jax.Array:
+  """Farthest point sampling, from index 0 unless a random (``key``) or given (``start``) first point.
 
   Args:
     xyz: float32 [..., N, 3] (float16 / bfloat16 are computed in float32).
     npoint: number of points to pick, 1 <= npoint <= N (a Python int).
+    key: optional PRNG key: each example starts at its own uniformly drawn index (PyTorch3D's
+      ``random_start_point=True``, torch-cluster's ``random_start=True``).
+    start: optional int32 [...] first index of each example (taken modulo N). At most one of key / start.
     impl: "ffi" (custom call; examples run in parallel, each on one thread) or "jnp" (lax.fori_loop).
   Returns:
-    int32 [..., npoint] indices into the N points. Not differentiable (xyz is stop-gradient'ed).
+    int32 [..., npoint] indices into the N points, ``[..., 0] == start``. Not differentiable (xyz is
+    stop-gradient'ed). With a start s, ties go to the first index in the cyclic order s, s+1, ..., s-1
+    (index order for s = 0).
   """
   _checks.check_impl(impl)
   _checks.check_points(xyz, "xyz")
   _checks.check_positive_int(npoint, "npoint", upper=xyz.shape[-2], upper_name="the number of points N")
   (xyz,) = _checks.to_f32(jax.lax.stop_gradient(xyz))
+  batch, n = xyz.shape[:-2], xyz.shape[-2]
+  if key is not None and start is not None:
+    raise ValueError("give at most one of key and start")
+  if key is not None:
+    start = jax.random.randint(key, batch, 0, n, dtype=jnp.int32)
+  if start is not None:
+    if getattr(start, "dtype", None) != jnp.int32 or tuple(start.shape) != batch:
+      raise ValueError(f"start must be int32 with the batch shape {batch}, got "
+                       f"{getattr(start, 'dtype', type(start))} {tuple(getattr(start, 'shape', ()))}")
+    # FPS from s on P == FPS from 0 on P rolled by -s, indices shifted back: no kernel change needed, and the
+    # rolled order makes ties go to the first index after s (cyclically).
+    start = jnp.asarray(start) % n
+    order = (jnp.arange(n, dtype=jnp.int32) + start[..., None]) % n  # [..., N]
+    rolled = jnp.take_along_axis(xyz, order[..., None], axis=-2)
+    return (farthest_point_sample(rolled, npoint, impl=impl) + start[..., None]) % n
   if impl == "ffi":
     (idx,) = batched_call("xla_ops_farthest_point_sample", (xyz,), core_ndims=(2,),
                           out_core=(((npoint,), jnp.int32),), npoint=np.int32(npoint))
