@@ -263,9 +263,32 @@ HALF_CASES = (
          (Impl("ffi", _half_knn("bfloat16"), "xla_ops.knn"),
           Impl("ffi float32 inputs", _half_knn("float32"), "xla_ops.knn"))),
 )
-CASES = CASES + HALF_CASES
+
+
+# ---- ragged batches (issue 11, item 2): chamfer with per-example lengths vs the same call without ---------
+def _chamfer_lengths(with_lengths):
+  def setup(s):
+    import jax
+    import numpy as np
+    a, b = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+    la, lb = np.full(s["B"], s["N"], np.int32), np.full(s["B"], s["M"], np.int32)  # all real: same work
+    def loss(a, b, la, lb):
+      kw = dict(lengths_a=la, lengths_b=lb) if with_lengths else {}
+      return _xla_op("chamfer_distance")(a, b, **kw)
+    return _jax_runner(jax.value_and_grad(loss, argnums=(0, 1)), a, b, la, lb)
+  return setup
+
+
+RAGGED_CASES = (
+    Case("chamfer_distance value+grad lengths", dict(B=4, N=16384, M=16384), dict(B=2, N=512, M=512), _bnm,
+         lambda s: 2 * s["B"] * s["N"] * s["M"] * 8, "as nn_distance",
+         (Impl("ffi", _chamfer_lengths(True), "xla_ops.chamfer_distance"),
+          Impl("ffi without lengths", _chamfer_lengths(False), "xla_ops.chamfer_distance"))),
+)
+CASES = CASES + HALF_CASES + RAGGED_CASES
 # bf16 no slower than float32 (0.9: the shared machine's noise, see the table's note).
 TARGETS.update({c.name: [("ffi float32 inputs", 0.9)] for c in HALF_CASES})
+TARGETS["chamfer_distance value+grad lengths"] = [("ffi without lengths", 1 / 1.2)]  # within 1.2x
 
 def _available(needs: str) -> bool:
   if needs.startswith("xla_ops."):

@@ -68,6 +68,17 @@ def check_indices(idx, name: str, *, ndim_min: int = 1) -> None:
     raise ValueError(f"{name} must be int32, got {idx.dtype}")
 
 
+def check_lengths(lengths, name: str, batch: tuple, num_points: int):
+  """Per-example point counts: None, or an int32 array with the batch shape. Returns the valid-point mask
+  ``[..., num_points]`` (``arange(num_points) < lengths``; values outside [0, num_points] act clipped), or None."""
+  if lengths is None:
+    return None
+  if getattr(lengths, "dtype", None) != jnp.int32 or tuple(lengths.shape) != tuple(batch):
+    raise ValueError(f"{name} must be int32 with the batch shape {tuple(batch)}, got "
+                     f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}")
+  return jnp.arange(num_points, dtype=jnp.int32) < jnp.asarray(lengths)[..., None]
+
+
 def check_same_batch(name_a: str, batch_a: tuple, name_b: str, batch_b: tuple) -> None:
   if tuple(batch_a) != tuple(batch_b):
     raise ValueError(f"{name_a} and {name_b} must have the same batch shape, got {tuple(batch_a)} and {tuple(batch_b)}")
