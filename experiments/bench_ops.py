@@ -266,6 +266,64 @@ GPU_TARGETS = {  # the same on one GPU (issue 10), ffi vs jnp measured in the sa
 }
 
 
+
+# ---- half precision (issue 11, item 3): bfloat16 inputs vs float32 inputs, both through the custom calls --
+def _half_chamfer_grad(dtype):
+  def setup(s):
+    import jax
+    import jax.numpy as jnp
+    a, b = (jnp.asarray(x, jnp.dtype(dtype)) for x in _clouds(s, ("B", "N", 3), ("B", "M", 3)))
+    loss = lambda a, b: _xla_op("chamfer_distance")(a, b).astype("float32")
+    return _jax_runner(jax.value_and_grad(loss, argnums=(0, 1)), a, b)
+  return setup
+
+
+def _half_knn(dtype):
+  def setup(s):
+    import jax.numpy as jnp
+    (x,) = (jnp.asarray(x, jnp.dtype(dtype)) for x in _clouds(s, ("B", "N", "C")))
+    return _jax_runner(lambda x: _xla_op("knn")(x, x, s["k"]), x)
+  return setup
+
+
+HALF_CASES = (
+    Case("chamfer_distance value+grad bf16", dict(B=4, N=16384, M=16384), dict(B=2, N=512, M=512), _bnm,
+         lambda s: 2 * s["B"] * s["N"] * s["M"] * 8, "as nn_distance (computed in float32 inside)",
+         (Impl("ffi", _half_chamfer_grad("bfloat16"), "xla_ops.chamfer_distance"),
+          Impl("ffi float32 inputs", _half_chamfer_grad("float32"), "xla_ops.chamfer_distance"))),
+    Case("knn bf16", dict(B=4, N=4096, C=64, k=20), dict(B=2, N=256, C=16, k=8),
+         lambda s: f"B={s['B']} N=M={s['N']} C={s['C']} k={s['k']}",
+         lambda s: s["B"] * s["N"] * s["N"] * 3 * s["C"], "as knn (computed in float32 inside)",
+         (Impl("ffi", _half_knn("bfloat16"), "xla_ops.knn"),
+          Impl("ffi float32 inputs", _half_knn("float32"), "xla_ops.knn"))),
+)
+
+
+# ---- ragged batches (issue 11, item 2): chamfer with per-example lengths vs the same call without ---------
+def _chamfer_lengths(with_lengths):
+  def setup(s):
+    import jax
+    import numpy as np
+    a, b = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+    la, lb = np.full(s["B"], s["N"], np.int32), np.full(s["B"], s["M"], np.int32)  # all real: same work
+    def loss(a, b, la, lb):
+      kw = dict(lengths_a=la, lengths_b=lb) if with_lengths else {}
+      return _xla_op("chamfer_distance")(a, b, **kw)
+    return _jax_runner(jax.value_and_grad(loss, argnums=(0, 1)), a, b, la, lb)
+  return setup
+
+
+RAGGED_CASES = (
+    Case("chamfer_distance value+grad lengths", dict(B=4, N=16384, M=16384), dict(B=2, N=512, M=512), _bnm,
+         lambda s: 2 * s["B"] * s["N"] * s["M"] * 8, "as nn_distance",
+         (Impl("ffi", _chamfer_lengths(True), "xla_ops.chamfer_distance"),
+          Impl("ffi without lengths", _chamfer_lengths(False), "xla_ops.chamfer_distance"))),
+)
+CASES = CASES + HALF_CASES + RAGGED_CASES
+# bf16 no slower than float32 (0.9: the shared machine's noise, see the table's note).
+TARGETS.update({c.name: [("ffi float32 inputs", 0.9)] for c in HALF_CASES})
+TARGETS["chamfer_distance value+grad lengths"] = [("ffi without lengths", 1 / 1.2)]  # within 1.2x
+
 def _available(needs: str) -> bool:
   if needs.startswith("xla_ops."):
     import xla_ops

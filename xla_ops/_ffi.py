@@ -42,7 +42,7 @@ def registered_platforms() -> tuple[str, ...]:
       if platform == "cpu":
         raise ImportError(
             "xla_ops: the compiled extension _xla_ops_cpu is missing; install the package with "
-            "`pip install -e .` (it builds the C++ handlers)") from None
+            "`pip install ./xla_ops` or `pip install -e ./xla_ops` from the repository root (it builds the C++ handlers)") from None
       continue
     for name, capsule in module.registrations().items():
       jax.ffi.register_ffi_target(name, capsule, platform=platform)

@@ -1,7 +1,7 @@
 """Approximate Earth Mover's distance: ``approx_match``, ``match_cost`` and ``earth_mover_distance``.
 
-``approx_match`` is the multi-scale soft-auction of the original GPU kernel (metric/tf_approxmatch_g.cu,
-spec/original-model.md §5.2): 10 rounds with level = -4^j for j = 7..-1 and level 0 in the last one; every
+``approx_match`` is the multi-scale soft-auction of the original GPU kernel (AttentionDPCR's
+metric/tf_approxmatch_g.cu): 10 rounds with level = -4^j for j = 7..-1 and level 0 in the last one; every
 xyz1 point has mass 1 and every xyz2 point mass floor(n/m) when n >= m (else floor(m/n) and 1). The result
 ``match [..., m, n]`` is a constant (no gradient), as in the original.
 
@@ -98,6 +98,11 @@ def approx_match(xyz1: jax.Array, xyz2: jax.Array, *, impl: str = "ffi") -> jax.
   """
   _checks.check_impl(impl)
   _check_pair(xyz1, xyz2)
+  dtype = _checks.out_dtype(xyz1, xyz2)
+  return _approx_match_f32(*_checks.to_f32(xyz1, xyz2), impl).astype(dtype)
+
+
+def _approx_match_f32(xyz1, xyz2, impl):
   xyz1, xyz2 = jax.lax.stop_gradient(xyz1), jax.lax.stop_gradient(xyz2)
   if impl == "jnp":
     return _approx_match_jnp(xyz1, xyz2)
@@ -159,10 +164,11 @@ def match_cost(xyz1: jax.Array, xyz2: jax.Array, match: jax.Array, *, impl: str 
   _checks.check_impl(impl)
   _check_pair(xyz1, xyz2)
   want = tuple(xyz1.shape[:-2]) + (xyz2.shape[-2], xyz1.shape[-2])
-  if getattr(match, "dtype", None) != jnp.float32 or tuple(getattr(match, "shape", ())) != want:
-    raise ValueError(f"match must be float32 with shape [..., m, n] = {want}, got "
-                     f"{getattr(match, 'dtype', type(match))} {tuple(getattr(match, 'shape', ()))}")
-  return _match_cost(xyz1, xyz2, match, impl)
+  if tuple(getattr(match, "shape", ())) != want:
+    raise ValueError(f"match must have shape [..., m, n] = {want}, got {tuple(getattr(match, 'shape', ()))}")
+  _checks.check_float_dtype(match, "match")
+  dtype = _checks.out_dtype(xyz1, xyz2, match)
+  return _match_cost(*_checks.to_f32(xyz1, xyz2, match), impl).astype(dtype)
 
 
 def earth_mover_distance(xyz1: jax.Array, xyz2: jax.Array, *, impl: str = "ffi") -> jax.Array:
@@ -177,5 +183,9 @@ def earth_mover_distance(xyz1: jax.Array, xyz2: jax.Array, *, impl: str = "ffi")
   Returns:
     float32 [...].
   """
-  match = jax.lax.stop_gradient(approx_match(xyz1, xyz2, impl=impl))
-  return match_cost(xyz1, xyz2, match, impl=impl)
+  _checks.check_impl(impl)
+  _check_pair(xyz1, xyz2)
+  dtype = _checks.out_dtype(xyz1, xyz2)
+  xyz1, xyz2 = _checks.to_f32(xyz1, xyz2)  # the match stays float32 whatever the input dtype
+  match = jax.lax.stop_gradient(_approx_match_f32(xyz1, xyz2, impl))
+  return _match_cost(xyz1, xyz2, match, impl).astype(dtype)

@@ -4,7 +4,8 @@
 // The argmax prefers the lower index on equal values both inside a thread (strict > over increasing
 // indices) and in the reduction, so ties go to the lowest global index, like the CPU handler (the original
 // kernel only tie-broke within threads). As on CPU the running distance starts at +inf (1e38 in the
-// original), and a NaN distance never replaces it. Distances are bit-identical to the CPU handler's
+// original), and a NaN distance never replaces it. A picked point's distance is set to -1, so it is never
+// picked again whatever its coordinates (NaN, or identical points). Distances are bit-identical to the CPU handler's
 // (SqDist3), so near-ties resolve the same way.
 #include "cuda_common.cuh"
 
@@ -36,7 +37,10 @@ __global__ void FpsKernel(int64_t b, int64_t n, int32_t npoint, const float* __r
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
         const float di = SqDist3(p[3 * i], p[3 * i + 1], p[3 * i + 2], lx, ly, lz);
         float m = d[i];
-        if (di < m) {
+        if (i == last) {  // retire the pick (owned by this thread): never the max again
+          m = -1.0f;
+          d[i] = m;
+        } else if (di < m) {
           m = di;
           d[i] = m;
         }
