@@ -333,7 +333,7 @@ def evaluate_run(checkpoint: str, output_prefix: str, split: str = "test", data_
   config = predictor.config
   if data_root:
     config.data.root = data_root
-  impl = config.model.ops_impl
+  impl = config.ops_impl
   batch_size = config.eval_batch_size
 
   def predict_fn(batch):

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from dpcr_jax import checkpointing, visualize
+from dpcr_jax import checkpointing, stages, visualize
 
 
 def _run_dir(path: str) -> str:
@@ -34,12 +34,19 @@ def _run_dir(path: str) -> str:
 
 def load_run_config(path: str) -> ml_collections.ConfigDict:
   """A run's saved config; model fields added since the run was made take their defaults (the behaviour
-  such runs were trained with)."""
+  such runs were trained with), and fields that have moved are read from their old homes
+  (model.ops_impl -> ops_impl; model.sparse_grid, now derived from model.image_size, is dropped)."""
   from dpcr_jax.models import default_model_config  # pylint: disable=g-import-not-at-top
   with open(os.path.join(_run_dir(path), "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  saved_model = saved.get("model", {})
+  if "ops_impl" in saved_model:
+    saved.setdefault("ops_impl", saved_model.pop("ops_impl"))
+  saved_model.pop("sparse_grid", None)
+  saved.setdefault("ops_impl", "ffi")
+  config = ml_collections.ConfigDict(saved)
   model = default_model_config()
-  model.update(config.model.to_dict())
+  model.update(saved_model)
   config.model = model
   return config
 
@@ -49,15 +56,17 @@ class Predictor:
 
   Args:
     checkpoint: a run's workdir (or its checkpoints/ folder).
+    stage: the stage whose network the run trained (default: the stage table's entry for its config.stage).
   """
 
-  def __init__(self, checkpoint: str):
-    from dpcr_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  def __init__(self, checkpoint: str, stage: stages.Stage | None = None):
     self.config = load_run_config(checkpoint)
-    if self.config.stage == "dense":
-      raise ValueError("a dense-stage run predicts from points, not images; use a finetune (or sparse) run")
+    stage = stage or stages.get(self.config.stage)
+    if not stage.predicts_from_images:
+      raise ValueError(f"a {stage.name}-stage run predicts from {stage.inputs}, not images; use a finetune "
+                       "(or sparse) run")
     self.image_size = self.config.model.image_size
-    model = build_model(self.config.model, self.config.stage)
+    model = stage.build_model(self.config)
     variables = checkpointing.load_variables(os.path.join(_run_dir(checkpoint), "checkpoints"))
     self._apply = jax.jit(lambda images: model.apply(variables, {"image": images}, train=False))
 

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from dpcr_jax.losses import compute_loss
-from dpcr_jax.models import build_model, default_loss_config, default_model_config
+from dpcr_jax import stages
+from dpcr_jax.models import default_loss_config, default_model_config, point_counts
 
 _BATCH = flags.DEFINE_integer("batch_size", 2, "Examples per step.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the compile (median reported).")
@@ -33,7 +33,7 @@ def _make_step(model, loss_config, ops_impl, optimizer):
     def loss_fn(p):
       outputs, state = model.apply({"params": p, "batch_stats": batch_stats}, batch, train=True,
                                    mutable=["batch_stats"])
-      loss, _ = compute_loss("finetune", outputs, batch, p, loss_config, ops_impl)
+      loss, _ = stages.get("finetune").loss(outputs, batch, p, loss_config, ops_impl)
       return loss, state["batch_stats"]
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -46,8 +46,8 @@ def _make_step(model, loss_config, ops_impl, optimizer):
 def main(argv):
   del argv
   config = default_model_config()
-  config.image_size, config.sparse_grid = _IMAGE.value, _IMAGE.value // 8
-  n_sparse = config.sparse_grid ** 2
+  config.image_size = _IMAGE.value
+  n_sparse = point_counts(config)["n_sparse"]
   rng = np.random.default_rng(0)
   b = _BATCH.value
   batch = {"image": rng.random((b, config.image_size, config.image_size, 3), dtype=np.float32),
@@ -55,15 +55,15 @@ def main(argv):
            "points_dense": (0.3 * rng.standard_normal((b, 16 * n_sparse, 3))).astype(np.float32)}
   optimizer = optax.adam(3e-5)
   # rbg keys: the threefry init graph of this model takes minutes to compile on CPU.
-  init_model = build_model(config, "finetune")
+  finetune = stages.get("finetune")
+  init_model = finetune.make_model(config, "ffi")
   variables = jax.jit(functools.partial(init_model.init, train=False))(jax.random.key(0, impl="rbg"), batch)
   print(f"devices: {jax.devices()}; batch {b}, image {config.image_size}, points "
         f"{n_sparse} -> {4 * n_sparse} -> {16 * n_sparse}", flush=True)
 
   medians = {}
   for impl in _IMPLS.value:
-    config.ops_impl = impl
-    model = build_model(config, "finetune")
+    model = finetune.make_model(config, impl)
     step = _make_step(model, default_loss_config(), impl, optimizer)
     state = jax.tree.map(jnp.copy, (variables["params"], variables["batch_stats"]))
     state = (*state, optimizer.init(state[0]))

@@ -1,6 +1,6 @@
-"""AttentionDPCR models (Flax linen): configs and ``build_model(config, stage)``.
+"""AttentionDPCR models (Flax linen): their config and one builder per stage network.
 
-Every stage module is called as ``module.apply(variables, batch, train=...)`` with variable collections
+dpcr_jax/stages.py ties each training stage to its builder and loss. Every stage module is called as ``module.apply(variables, batch, train=...)`` with variable collections
 'params' and 'batch_stats' (pass ``mutable=['batch_stats']`` when ``train=True``). Batch keys: 'image'
 [B, S, S, 3] float32 in [0, 1], 'points_sparse' [B, P, 3] (the dense stage's input), 'points_dense'.
 """
@@ -16,16 +16,17 @@ from dpcr_jax.models.finetune import Finetune
 from dpcr_jax.models.pointnet2 import PointNet2Feature
 from dpcr_jax.models.sparse import SparseNet, decoder_kernels
 
-STAGES = ("sparse", "dense", "finetune")
-__all__ = ["STAGES", "build_model", "decoder_kernels", "default_loss_config", "default_model_config"]
+OPS_IMPLS = ("ffi", "jnp")
+__all__ = ["OPS_IMPLS", "build_dense", "build_finetune", "build_sparse", "decoder_kernels", "default_loss_config",
+           "default_model_config", "point_counts"]
 
 
 def default_model_config() -> ml_collections.ConfigDict:
   """Model hyperparameters; defaults reproduce the original code (spec §1, §2, §10), quirks included."""
   c = ml_collections.ConfigDict()
-  c.ops_impl = "ffi"  # xla_ops backend of every point op: "ffi" (custom calls) or "jnp" (pure jax.numpy).
-  c.image_size = 256  # input side S (multiple of 64); the paper's images are 256 x 256 x 3.
-  c.sparse_grid = 32  # decoder output map side = S / 8 -> sparse_grid**2 points (32 -> 1024; S=128 -> 16).
+  # The point ops' backend is not a model field: config.ops_impl (top level) selects it for the model, the
+  # losses and the evaluation alike. Point counts are derived from these fields (point_counts below).
+  c.image_size = 256  # input side S (multiple of 64); the decoder's map is S/8 x S/8 -> (S/8)^2 sparse points.
   c.width = 1.0  # channel multiplier of the sparse network (encoder and decoder); 1.0 = paper.
   # Sparse-network BN (hand-written in the original, spec §1.4): EMA decay 0.5 is the original's (quirk §9.2;
   # flax momentum = TF decay); a sane fix is 0.99 (with shuffled data).
@@ -82,20 +83,37 @@ def default_loss_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _sparse_net(config: ml_collections.ConfigDict, name: str | None = None) -> SparseNet:
-  if config.image_size % 64 or config.sparse_grid * 8 != config.image_size:
-    raise ValueError(f"image_size must be a multiple of 64 and sparse_grid == image_size // 8, "
-                     f"got image_size={config.image_size}, sparse_grid={config.sparse_grid}")
+def point_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """The point counts a model config implies: {'n_sparse': (S/8)^2, 'n_mid', 'n_dense'}, each dense level
+  multiplying by ``dense.upsample``; 'n_mid' is the second-last level's output (the 'mid' output)."""
+  n_sparse = (config.image_size // 8) ** 2
+  d = config.dense
+  return {"n_sparse": n_sparse, "n_mid": n_sparse * d.upsample ** (d.levels - 1),
+          "n_dense": n_sparse * d.upsample ** d.levels}
+
+
+def _check_ops_impl(ops_impl: str) -> None:
+  if ops_impl not in OPS_IMPLS:
+    raise ValueError(f"ops_impl must be one of {OPS_IMPLS}, got {ops_impl!r}")
+
+
+def build_sparse(config: ml_collections.ConfigDict, ops_impl: str = "ffi", name: str | None = None) -> SparseNet:
+  """Stage 1: image [B,S,S,3] -> {'sparse': [B,(S/8)^2,3]} (uses no point op; ``ops_impl`` is checked only)."""
+  _check_ops_impl(ops_impl)
+  if config.image_size % 64:
+    raise ValueError(f"model.image_size must be a multiple of 64, got {config.image_size}")
   return SparseNet(width=config.width, bn_momentum=config.sparse_bn_momentum,
                    bn_zero_init_stats=config.bn_zero_init_stats, name=name)
 
 
-def _dense_net(config: ml_collections.ConfigDict, name: str | None = None) -> DenseNet:
+def build_dense(config: ml_collections.ConfigDict, ops_impl: str = "ffi", name: str | None = None) -> DenseNet:
+  """Stage 2: points_sparse [B,P,3] -> {'mid': [B,P*r^(L-1),3], 'dense': [B,P*r^L,3]}."""
+  _check_ops_impl(ops_impl)
   d = config.dense
   if d.levels < 2:
     raise ValueError(f"dense.levels must be >= 2 (outputs 'mid' and 'dense'), got {d.levels}")
   common = dict(agg_channels=d.agg_channels, bn_momentum=d.bn_momentum,
-                bn_zero_init_stats=config.bn_zero_init_stats, ops_impl=config.ops_impl)
+                bn_zero_init_stats=config.bn_zero_init_stats, ops_impl=ops_impl)
   if d.variant == "edgeconv":
     local = functools.partial(EdgeConvFeature, k=d.k, edge_channels=tuple(d.edge_channels), **common)
   elif d.variant == "pointnet2":
@@ -108,18 +126,10 @@ def _dense_net(config: ml_collections.ConfigDict, name: str | None = None) -> De
   level = functools.partial(DenseLevel, local, upsample=d.upsample, skip_weight=d.skip_weight,
                             grid_scale=d.grid_scale, global_channels=tuple(d.global_channels),
                             decoder_channels=tuple(d.decoder_channels), frozen_bn=config.tflearn_frozen_bn,
-                            predict_offsets=d.predict_offsets, ops_impl=config.ops_impl)
+                            predict_offsets=d.predict_offsets, ops_impl=ops_impl)
   return DenseNet(level, levels=d.levels, name=name)
 
 
-def build_model(config: ml_collections.ConfigDict, stage: str) -> nn.Module:
-  """The module of a training stage ('sparse', 'dense' or 'finetune'); ``__call__(batch, train) -> dict``."""
-  if config.ops_impl not in ("ffi", "jnp"):
-    raise ValueError(f"ops_impl must be 'ffi' or 'jnp', got {config.ops_impl!r}")
-  if stage == "sparse":
-    return _sparse_net(config)
-  if stage == "dense":
-    return _dense_net(config)
-  if stage == "finetune":
-    return Finetune(sparse=_sparse_net(config), dense=_dense_net(config))
-  raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+def build_finetune(config: ml_collections.ConfigDict, ops_impl: str = "ffi") -> Finetune:
+  """Stage 3: image -> {'sparse', 'mid', 'dense'}, the two networks joined (submodules 'sparse', 'dense')."""
+  return Finetune(sparse=build_sparse(config, ops_impl), dense=build_dense(config, ops_impl))
