@@ -1,4 +1,4 @@
-"""Inference from a trained run: images in; PLY, NPY and PNG pictures out.
+"""Inference from a trained run: images in; PLY (dpcr_jax/cloud_io.py), NPY and PNG pictures out.
 
 A run's workdir holds ``config.json`` (written by train.py) and ``checkpoints/``; ``Predictor`` rebuilds the
 model from the former and restores params and batch stats (only) from the latter. A finetune run predicts
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from dpcr_jax import checkpointing, stages, visualize
+from dpcr_jax import checkpointing, cloud_io, stages, visualize
 
 
 def _run_dir(path: str) -> str:
@@ -96,25 +96,6 @@ def load_image(path: str, size: int, mask_path: str | None = None) -> np.ndarray
   return np.asarray(resized, np.float32) / 255.0
 
 
-def write_ply(path: str, points: np.ndarray) -> None:
-  """Binary little-endian PLY with float x, y, z per vertex."""
-  points = np.asarray(points, "<f4")
-  header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(points)}\n"
-            "property float x\nproperty float y\nproperty float z\nend_header\n")
-  with open(path, "wb") as f:
-    f.write(header.encode("ascii"))
-    f.write(points.tobytes())
-
-
-def read_ply(path: str) -> np.ndarray:
-  """Reads what write_ply writes -> [N,3] float32."""
-  with open(path, "rb") as f:
-    data = f.read()
-  end = data.index(b"end_header\n") + len(b"end_header\n")
-  count = int([l for l in data[:end].decode().splitlines() if l.startswith("element vertex")][0].split()[-1])
-  return np.frombuffer(data[end:end + count * 12], "<f4").reshape(count, 3)
-
-
 def expand_paths(pattern_or_dir: str) -> list[str]:
   """A file, a folder (its .png/.jpg/.jpeg files) or a glob -> sorted list of paths."""
   if os.path.isdir(pattern_or_dir):
@@ -146,7 +127,7 @@ def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: 
     for i, path in enumerate(paths):
       stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
       cloud = outputs["dense"][i] if "dense" in outputs else outputs["sparse"][i]
-      write_ply(stem + ".ply", cloud)
+      cloud_io.write_ply(stem + ".ply", cloud)
       np.save(stem + ".npy", cloud)
       columns = ["input"] + [k for k in ("sparse", "dense") if k in outputs]
       visualize.qualitative_grid([[images[i]] + [outputs[k][i] for k in columns[1:]]], columns, stem + ".png")

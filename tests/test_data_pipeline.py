@@ -6,7 +6,7 @@ import pytest
 
 from dpcr_jax import data
 from dpcr_jax.data import pipeline
-from dpcr_jax.data import synthetic
+from dpcr_jax.synth import generate
 
 SIZE, N_DENSE, N_MID, N_SPARSE = 32, 128, 64, 16
 
@@ -14,7 +14,7 @@ SIZE, N_DENSE, N_MID, N_SPARSE = 32, 128, 64, 16
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("synth"))
-  synthetic.generate_synthetic(path, 5, seed=2, image_size=SIZE, n_dense=N_DENSE, n_mid=N_MID, n_sparse=N_SPARSE,
+  generate.generate_synthetic(path, 5, seed=2, image_size=SIZE, n_dense=N_DENSE, n_mid=N_MID, n_sparse=N_SPARSE,
                                categories=["car", "sofa"], r2n2_views=2, progress=False, fps="numpy")
   return path  # train: 2 categories x 4 models x 12 views = 96 examples
 

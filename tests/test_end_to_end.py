@@ -16,7 +16,7 @@ import pytest
 
 from configs import quickstart
 from dpcr_jax import evaluation, predict, train
-from dpcr_jax.data import synthetic
+from dpcr_jax.synth import generate
 
 CATEGORIES = ["chair", "lamp"]
 
@@ -35,7 +35,7 @@ def _config(stage: str, root: str):
 @pytest.mark.slow
 def test_sparse_dense_finetune_evaluate_predict(tmp_path):
   root = str(tmp_path / "data")
-  synthetic.generate_synthetic(root, 5, image_size=64, n_dense=1024, n_mid=256, n_sparse=64,
+  generate.generate_synthetic(root, 5, image_size=64, n_dense=1024, n_mid=256, n_sparse=64,
                                categories=CATEGORIES, r2n2_views=0, progress=False)
   runs = {}
   for stage in ("sparse", "dense", "finetune"):

@@ -6,7 +6,7 @@ from PIL import Image
 import pytest
 
 import standins
-from dpcr_jax import predict, visualize
+from dpcr_jax import cloud_io, predict, visualize
 
 
 def _write_png(path, array):
@@ -29,8 +29,8 @@ def test_load_image_masks_pads_and_resizes(tmp_path):
 
 def test_ply_round_trip(tmp_path):
   pts = np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32)
-  predict.write_ply(str(tmp_path / "a.ply"), pts)
-  np.testing.assert_array_equal(predict.read_ply(str(tmp_path / "a.ply")), pts)
+  cloud_io.write_ply(str(tmp_path / "a.ply"), pts)
+  np.testing.assert_array_equal(cloud_io.read_ply(str(tmp_path / "a.ply")), pts)
 
 
 def test_render_points():
@@ -61,7 +61,7 @@ def test_predict_folder_from_a_trained_run(tmp_path):
   for w in written:
     cloud = np.load(w["npy"])
     assert cloud.shape == (standins.N_DENSE, 3)
-    np.testing.assert_array_equal(predict.read_ply(w["ply"]), cloud)
+    np.testing.assert_array_equal(cloud_io.read_ply(w["ply"]), cloud)
     assert os.path.getsize(w["png"]) > 500
   # Same predictions with another batch size (padding does not change results).
   again = predict.predict_files(predictor, paths, str(tmp_path / "out2"), batch_size=4)

@@ -158,9 +158,9 @@ def test_ops_impl_has_one_top_level_home(tmp_path):
 @pytest.fixture(scope="module")
 def synthetic_config(tmp_path_factory):
   """tiny_config on a real synthetic dataset: 5 chairs (4 train, 1 test) x 12 views at the tiny sizes."""
-  from dpcr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from dpcr_jax.synth import generate  # pylint: disable=g-import-not-at-top
   root = str(tmp_path_factory.mktemp("synth"))
-  synthetic.generate_synthetic(root, 5, image_size=standins.IMAGE_SIZE, n_dense=standins.N_DENSE,
+  generate.generate_synthetic(root, 5, image_size=standins.IMAGE_SIZE, n_dense=standins.N_DENSE,
                                n_mid=standins.N_MID, n_sparse=standins.N_SPARSE, categories=["chair"],
                                r2n2_views=0, progress=False)
   config = standins.tiny_config("sparse", root)

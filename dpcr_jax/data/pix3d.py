@@ -19,8 +19,7 @@ from PIL import Image
 from dpcr_jax.data import camera
 from dpcr_jax.data import categories
 from dpcr_jax.data import sampling
-from dpcr_jax.data import shapes
-from dpcr_jax.data.common import DataError, SkipLog, read_json
+from dpcr_jax.data.common import DataError, SkipLog, read_json, read_obj
 
 PIX3D_CATEGORIES = ("chair", "sofa", "table")
 
@@ -94,7 +93,7 @@ class Pix3DSource:
         return self._points[model]
     path = os.path.join(self.root, model)
     try:
-      vertices, faces = shapes.read_obj(path)
+      vertices, faces = read_obj(path)
     except Exception as e:  # pylint: disable=broad-except
       raise DataError(f"pix3d: cannot load model {path}: {e}") from e
     rng = np.random.default_rng(zlib.crc32(model.encode()))

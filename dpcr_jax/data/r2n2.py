@@ -14,9 +14,13 @@ from PIL import Image
 from dpcr_jax.data import camera
 from dpcr_jax.data import categories
 from dpcr_jax.data.common import DataError, SkipLog, composite, read_json, to_float_image
-from dpcr_jax.data.synthetic import pointcloud_filename
 
 SPLIT_FILES = {"train": "train_models.json", "val": "val_models.json", "test": "val_models.json"}
+
+
+def pointcloud_filename(n: int) -> str:
+  """3D-LMNet/DensePCR naming: pointcloud_16k.npy for 16384 points, pointcloud_<n>.npy otherwise."""
+  return "pointcloud_16k.npy" if n == 16384 else f"pointcloud_{n}.npy"
 
 
 def read_split_file(path: str) -> dict[str, list[str]]:
