@@ -1,4 +1,4 @@
-"""Training losses of the three stages, with the original's exact weights (spec §4.1-4.3).
+"""Training losses of the three stages, with the original's exact weights (docs/original.md §4.1-4.3).
 
 CD(a, b) = mean d(a->b) + mean d(b->a) with squared nearest-neighbour distances, means over batch and
 points together. EMD(a, b) = batch mean of the *sum* of matched Euclidean distances under

@@ -1,4 +1,4 @@
-"""Stage losses against values computed by hand in numpy (float64) on small inputs (spec §4.1-4.3)."""
+"""Stage losses against values computed by hand in numpy (float64) on small inputs (docs/original.md §4.1-4.3)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Model tests: spec shapes and parameter counts at paper size (eval_shape, no compute), layer numerics
+"""Model tests: the original's shapes and parameter counts at paper size (eval_shape, no compute), layer numerics
 against independent references, quirk flags, ffi/jnp parity and end-to-end differentiability (tiny)."""
 import functools
 
@@ -98,7 +98,7 @@ def test_paper_parameter_counts_and_output_shapes():
 
 
 def test_spec_shape_tables():
-  """Intermediate feature maps of spec §1.2/§1.3 (256 input) and §2.4 (dense levels)."""
+  """Intermediate feature maps of docs/original.md §1.2/§1.3 (256 input) and §2.4 (dense levels)."""
   model, abstract = _paper_model("finetune")
   _, state = jax.eval_shape(
       lambda v, b: model.apply(v, b, train=False, capture_intermediates=True, mutable=["intermediates"]),
@@ -199,7 +199,7 @@ def test_tf_same_conv_transpose_matches_reference(size, kernel, stride):
       z, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   _, vjp = jax.vjp(fwd, jnp.zeros((2, size * stride, size * stride, 4)))
   np.testing.assert_allclose(y, vjp(jnp.asarray(x))[0], rtol=1e-5, atol=1e-5)
-  # jax's 'SAME' for conv_transpose pads the same way (spec §11 feared a one-pixel shift).
+  # jax's 'SAME' for conv_transpose pads the same way (docs/original.md §1.3).
   plain = nn.ConvTranspose(4, (kernel, kernel), (stride, stride), padding="SAME", transpose_kernel=True)
   np.testing.assert_allclose(plain.apply({"params": {"kernel": w, "bias": np.zeros(4, np.float32)}}, x), y,
                              rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Pix3D (Sun et al. 2018) real photos with aligned CAD models (spec data-formats §4).
+"""Pix3D (Sun et al. 2018) real photos with aligned CAD models (docs/original.md §10).
 
   <root>/pix3d.json                       list of dicts: img, mask, category, bbox [x0,y0,x1,y1], model,
                                           truncated, occluded, slightly_occluded, rot_mat, cam_position, ...

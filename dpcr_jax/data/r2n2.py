@@ -1,4 +1,4 @@
-"""3D-R2N2 ShapeNetRendering images + 3D-LMNet/DensePCR ShapeNet_pointclouds (spec data-formats §1.1, §2.1).
+"""3D-R2N2 ShapeNetRendering images + 3D-LMNet/DensePCR ShapeNet_pointclouds (docs/original.md §10).
 
   <root>/ShapeNetRendering/<syn>/<id>/rendering/{00..23}.png, rendering_metadata.txt (az el inplane ratio fov)
   <root>/ShapeNet_pointclouds/<syn>/<id>/pointcloud_{1024,4096,16k}.npy   canonical object frame

@@ -22,20 +22,20 @@ __all__ = ["OPS_IMPLS", "build_dense", "build_finetune", "build_sparse", "decode
 
 
 def default_model_config() -> ml_collections.ConfigDict:
-  """Model hyperparameters; defaults reproduce the original code (spec §1, §2, §10), quirks included."""
+  """Model hyperparameters; defaults reproduce the original code (docs/original.md §1, §2), quirks included."""
   c = ml_collections.ConfigDict()
   # The point ops' backend is not a model field: config.ops_impl (top level) selects it for the model, the
   # losses and the evaluation alike. Point counts are derived from these fields (point_counts below).
   c.image_size = 256  # input side S (multiple of 64); the decoder's map is S/8 x S/8 -> (S/8)^2 sparse points.
   c.width = 1.0  # channel multiplier of the sparse network (encoder and decoder); 1.0 = paper.
-  # Sparse-network BN (hand-written in the original, spec §1.4): EMA decay 0.5 is the original's (quirk §9.2;
+  # Sparse-network BN (hand-written in the original, docs/original.md §1.4): EMA decay 0.5 is the original's (docs/original.md §9 quirk 2;
   # flax momentum = TF decay); a sane fix is 0.99 (with shuffled data).
   c.sparse_bn_momentum = 0.5
   # Start the BN EMAs (sparse and pu_util BNs) at mean 0 / variance 0 as TF's ExponentialMovingAverage on a
   # tensor does (faithful); False starts the variance at 1 (flax's default). Matters only early in training.
   c.bn_zero_init_stats = True
   # tflearn BN in the dense network's global encoder and decoder: True = what the original ran, a learnable
-  # affine over frozen 0/1 statistics (spec §2.3, quirk §9.1); False = a real BN (eps 1e-5, decay 0.9).
+  # affine over frozen 0/1 statistics (docs/original.md §2.3, docs/original.md §9 quirk 1); False = a real BN (eps 1e-5, decay 0.9).
   c.tflearn_frozen_bn = True
 
   c.dense = ml_collections.ConfigDict()
@@ -47,7 +47,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.dense.bn_momentum = 0.9  # pu_util BN EMA decay (eps 1e-3, moments over all axes but channels).
   c.dense.global_channels = (32, 64, 64)  # global PointNet MLP (tflearn conv_1d + tflearn BN + ReLU), max-pooled.
   c.dense.decoder_channels = (128, 128, 64)  # per-point decoder MLP (tflearn), then a linear conv to xyz.
-  # False (the original, spec §2.2): the decoder regresses xyz directly. True (a deviation for short runs,
+  # False (the original, docs/original.md §2.2): the decoder regresses xyz directly. True (a deviation for short runs,
   # configs/quickstart.py): it regresses an offset from the input point each output copy comes from, with the
   # last decoder layer initialised to zero, so an untrained level returns its input points (the original
   # starts from random coordinates and needs thousands of steps to get back to its input's accuracy).
@@ -65,17 +65,17 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
-  """Loss weights of the original (spec §4.1-4.3); see dpcr_jax/losses.py."""
+  """Loss weights of the original (docs/original.md §4.1-4.3); see dpcr_jax/losses.py."""
   c = ml_collections.ConfigDict()
-  # Sparse (§4.1): sparse_scale * (mean d(gt->pred) + w * mean d(pred->gt)) + l2_factor * sum wd/2 ||W||^2.
+  # Sparse (docs/original.md §4.1): sparse_scale * (mean d(gt->pred) + w * mean d(pred->gt)) + l2_factor * sum wd/2 ||W||^2.
   c.sparse_scale = 1e4
   c.sparse_pred_to_gt_weight = 0.55
-  c.sparse_gt_key = "points_dense"  # batch key of the sparse stage's GT: 16384 points (faithful, quirk §9.6).
+  c.sparse_gt_key = "points_dense"  # batch key of the sparse stage's GT: 16384 points (faithful, docs/original.md §9 quirk 6).
   c.decoder_weight_decay = 1e-5  # tflearn L2 on the 11 decoder kernels: wd * 0.5 * ||W||^2 each.
   c.decoder_l2_factor = 0.1  # the original multiplies the summed regularisation losses by 0.1.
-  # Dense (§4.2): dense_scale * (CD(gt, mid) + CD(gt, dense)), GT = 'points_dense'.
+  # Dense (docs/original.md §4.2): dense_scale * (CD(gt, mid) + CD(gt, dense)), GT = 'points_dense'.
   c.dense_scale = 1e4
-  # Finetune (§4.3): sparse_weight * (CD(gt1024, sparse) + emd_scale * EMD(gt1024, sparse))
+  # Finetune (docs/original.md §4.3): sparse_weight * (CD(gt1024, sparse) + emd_scale * EMD(gt1024, sparse))
   #                  + dense_weight * (CD(gt16k, mid) + CD(gt16k, dense)); no 1e4, no L2.
   c.finetune_sparse_weight = 0.5
   c.finetune_emd_scale = 1e-3

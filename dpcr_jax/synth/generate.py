@@ -1,4 +1,4 @@
-"""Offline generator of a ShapeNet-like dataset, written in the real on-disk formats (spec data-formats §7).
+"""Offline generator of a ShapeNet-like dataset, written in the real on-disk formats (docs/data.md).
 
 Layout under `root` (sizes in folder names follow the options):
   ShapeNetCore.v1/<syn>/<id>/model.obj                          procedural mesh, +Y up, front +X, diag 1

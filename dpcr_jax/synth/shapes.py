@@ -1,4 +1,4 @@
-"""Procedural ShapeNet-like meshes for the 13 R2N2 categories (spec data-formats §6.1).
+"""Procedural ShapeNet-like meshes for the 13 R2N2 categories (docs/original.md §10).
 
 Each shape is a union (concatenation, interior faces kept, as in ShapeNet CAD models) of boxes,
 cylinders, capsules, spheres and frusta with randomised proportions and optional parts. Frame:
