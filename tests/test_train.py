@@ -1,7 +1,6 @@
 """Training library: sharded vs single-device step, the loop on stand-ins (through its seams), config validation.
 
 The real models, losses and data pipeline run through the same loop in tests/test_end_to_end.py."""
-import functools
 import json
 import os
 

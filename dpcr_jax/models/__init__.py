@@ -1,14 +1,14 @@
 """AttentionDPCR models (Flax linen): their config and one builder per stage network.
 
-dpcr_jax/stages.py ties each training stage to its builder and loss. Every stage module is called as ``module.apply(variables, batch, train=...)`` with variable collections
-'params' and 'batch_stats' (pass ``mutable=['batch_stats']`` when ``train=True``). Batch keys: 'image'
+dpcr_jax/stages.py ties each training stage to its builder and loss. Every stage module is called as
+``module.apply(variables, batch, train=...)`` with variable collections 'params' and 'batch_stats' (pass
+``mutable=['batch_stats']`` when ``train=True``). Batch keys: 'image'
 [B, S, S, 3] float32 in [0, 1], 'points_sparse' [B, P, 3] (the dense stage's input), 'points_dense'.
 """
 from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import ml_collections
 
 from dpcr_jax.models.dense import DenseLevel, DenseNet, EdgeConvFeature
