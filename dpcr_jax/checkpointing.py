@@ -132,7 +132,7 @@ def _check_same_structure(name: str, loaded: Any, expected: Any) -> None:
 def init_finetune_state(state: Any, sparse_checkpoint: str | None, dense_checkpoint: str | None) -> Any:
   """Puts the sparse and dense stage weights into a fresh finetune state's ``sparse`` / ``dense`` submodules.
 
-  Unlike the original (spec §3, §9.7), this happens only when the finetune run has no checkpoint of its own,
+  Unlike the original (docs/original.md §3, §9 quirk 7), this happens only when the finetune run has no checkpoint of its own,
   so an interrupted finetune resumes its own weights instead of restarting from random ones. Only params and
   batch stats are loaded; Adam's moments start at zero (the original also restored the m/v slots).
   """

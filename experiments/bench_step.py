@@ -11,7 +11,6 @@ writes the numbers (experiments/gpu_check.py reads them).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import importlib
@@ -26,8 +25,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from dpcr_jax.losses import compute_loss
-from dpcr_jax.models import build_model, default_loss_config, default_model_config
+from dpcr_jax import stages
+from dpcr_jax.models import default_loss_config, default_model_config, point_counts
 
 _BATCH = flags.DEFINE_integer("batch_size", 2, "Examples per step.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the compile (median reported).")
@@ -45,30 +44,32 @@ LEARNING_RATE = 3e-5  # Adam; experiments/gpu_check.py's train smoke uses it too
 
 @dataclasses.dataclass
 class ModelApi:
-  """What a training step needs: the stage's module for an ops backend, its loss, and the data shapes."""
-  build: Callable[[str, str], Any]  # (stage, ops_impl) -> flax module
-  compute_loss: Callable[..., Any]  # dpcr_jax.losses.compute_loss's signature
+  """What a training step needs: the stage table (network builder and loss per stage) and the data shapes."""
+  stage: Callable[[str], stages.Stage]  # stage name -> Stage (dpcr_jax.stages.get, or a stand-in's)
+  model_config: Any  # passed to Stage.make_model
   loss_config: Any
   image_size: int
   n_sparse: int
   n_dense: int
 
+  def build(self, stage: str, ops_impl: str):
+    """The stage's flax module with the given point-op backend."""
+    return self.stage(stage).make_model(self.model_config, ops_impl)
+
+  def compute_loss(self, stage: str, outputs, batch, params, loss_config, ops_impl):
+    return self.stage(stage).loss(outputs, batch, params, loss_config, ops_impl)
+
 
 def model_api(module_name: str | None = None, image_size: int = 256) -> ModelApi:
-  """The paper's network (dpcr_jax) at ``image_size``, or a stand-in module with the same contracts."""
+  """The paper's network (dpcr_jax) at ``image_size``, or a stand-in module with the same contracts (its
+  ``stage(name)`` and IMAGE_SIZE, N_SPARSE, N_DENSE)."""
   if module_name:
     mod = importlib.import_module(module_name)
-    return ModelApi(lambda stage, impl: mod.build_model(None, stage), mod.compute_loss, None, mod.IMAGE_SIZE,
-                    mod.N_SPARSE, mod.N_DENSE)
+    return ModelApi(mod.stage, None, None, mod.IMAGE_SIZE, mod.N_SPARSE, mod.N_DENSE)
   config = default_model_config()
-  config.image_size, config.sparse_grid = image_size, image_size // 8
-
-  def build(stage, impl):
-    c = copy.deepcopy(config)
-    c.ops_impl = impl
-    return build_model(c, stage)
-  n_sparse = config.sparse_grid ** 2
-  return ModelApi(build, compute_loss, default_loss_config(), image_size, n_sparse, 16 * n_sparse)
+  config.image_size = image_size
+  counts = point_counts(config)
+  return ModelApi(stages.get, config, default_loss_config(), image_size, counts["n_sparse"], counts["n_dense"])
 
 
 def synthetic_batch(api: ModelApi, batch_size: int, seed: int = 0) -> dict:
@@ -79,7 +80,7 @@ def synthetic_batch(api: ModelApi, batch_size: int, seed: int = 0) -> dict:
           "points_dense": (0.3 * rng.standard_normal((batch_size, api.n_dense, 3))).astype(np.float32)}
 
 
-def _make_step(model, loss_config, ops_impl, optimizer, stage="finetune", stage_loss=compute_loss):
+def _make_step(model, loss_config, ops_impl, optimizer, stage, stage_loss):
   """jit(step)(params, batch_stats, opt_state, batch) -> (params, batch_stats, opt_state, loss), donating."""
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def step(params, batch_stats, opt_state, batch):

@@ -1,7 +1,7 @@
 """Approximate Earth Mover's distance: ``approx_match``, ``match_cost`` and ``earth_mover_distance``.
 
-``approx_match`` is the multi-scale soft-auction of the original GPU kernel (AttentionDPCR's
-metric/tf_approxmatch_g.cu): 10 rounds with level = -4^j for j = 7..-1 and level 0 in the last one; every
+``approx_match`` is the multi-scale soft-auction of the original GPU kernel (metric/tf_approxmatch_g.cu,
+docs/original.md §5): 10 rounds with level = -4^j for j = 7..-1 and level 0 in the last one; every
 xyz1 point has mass 1 and every xyz2 point mass floor(n/m) when n >= m (else floor(m/n) and 1). The result
 ``match [..., m, n]`` is a constant (no gradient), as in the original.
 

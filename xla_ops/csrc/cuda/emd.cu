@@ -1,4 +1,4 @@
-// Earth mover's distance ops on CUDA: approx_match, match_cost, match_cost_grad (spec §5.2).
+// Earth mover's distance ops on CUDA: approx_match, match_cost, match_cost_grad (docs/original.md §5).
 //
 // approx_match runs the original GPU algorithm (10 rounds, level = -4^j for j = 7..-1, then 0), but instead
 // of one block per batch item doing the three passes of a round with block barriers in between, each pass
