@@ -428,3 +428,33 @@ def test_handlers_run_inside_cuda_graphs():
   proc = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_SCRIPT], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+# ---- properties of the CUDA sources and launch sizes checked everywhere (no GPU needed) -----------------------
+
+_CUDA_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "xla_ops" / "csrc" / "cuda"
+
+
+def test_every_cuda_handler_is_command_buffer_compatible():
+  """Every CUDA handler declares XLA's command-buffer trait and none asks for XLA's scratch allocator (memory
+  allocated during a CUDA-graph capture would not survive the replays): temporaries are workspace outputs."""
+  import re
+  handlers = 0
+  for path in sorted(_CUDA_DIR.glob("*.cu")):
+    text = path.read_text()
+    assert "ScratchAllocator" not in text, path.name
+    for block in re.findall(r"XLA_FFI_DEFINE_HANDLER_SYMBOL\(.*?\);", text, flags=re.S):
+      handlers += 1
+      assert "ffi::Traits::kCmdBufferCompatible" in block, (path.name, block.split(",")[0])
+  assert handlers == len(TARGETS)
+
+
+def test_approx_match_launch_fills_an_h100_at_the_training_sizes():
+  """At B = 32, N = M = 1024 the CUDA passes run B * ceil(N / 256) * slices blocks (cuda/emd.cu, slices from
+  xla_ops/emd.py's workspace size): at least two per SM of a 132-SM H100/H200. One block per (item, 256-point
+  tile) gave 128, fewer than the SMs."""
+  n = m = 1024
+  stride = emd._approx_match_workspace(n, m)
+  slices = (stride - 2 * (n + m)) // max(n, m)
+  assert stride == 2 * (n + m) + slices * max(n, m)
+  assert 32 * -(-n // 256) * slices >= 2 * 132
