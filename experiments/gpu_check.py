@@ -7,7 +7,8 @@ Steps, each a subprocess with its own time limit (a step that fails or runs out 
 and the later steps still run, within --budget-s overall):
 
 1. environment: Python, jax/jaxlib/flax/optax versions, GPU name, SMs, compute capability, driver, nvcc.
-2. build: ``XLA_OPS_CUDA=ON XLA_OPS_CUDA_ARCHS=<this GPU's> pip install --no-build-isolation --no-deps -e .``
+2. build: ``XLA_OPS_CUDA=ON XLA_OPS_CUDA_ARCHS=<this GPU's> pip install --no-build-isolation --no-deps -e ./xla_ops -e .``
+   (xla-ops, which holds the extension, and dpcr-jax)
    then checks that ``xla_ops._xla_ops_cuda`` imports and registers every target.
 3. pytest: the whole suite with the GPU as JAX's default device (tests/conftest.py pins the CPU-semantics
    tests to the CPU; tests/test_cuda.py compares every CUDA handler with the CPU handler and numpy), in 4
@@ -64,7 +65,7 @@ and the report says so); grain, trimesh, tensorboardX, moderngl and POT by parts
 them those tests fail in the pytest step; tests/test_bench_smoke.py checks POT's exact-EMD comparison).
 fpsample is optional (bench_ops skips its CPU comparison without it; --gpu never runs it). gpu_check builds
 the CUDA extension itself
-(XLA_OPS_CUDA=ON XLA_OPS_CUDA_ARCHS=<this GPU> pip install --no-build-isolation --no-deps -e .), and the
+(XLA_OPS_CUDA=ON XLA_OPS_CUDA_ARCHS=<this GPU> pip install --no-build-isolation --no-deps -e ./xla_ops -e .), and the
 whole check must fit in 8 minutes on one H200, build included (--budget-s, default 480).
 """
 from __future__ import annotations
@@ -354,7 +355,7 @@ def main(argv=None):
 
   # 2. build
   cc = str(info.get("compute_capability") or "9.0").replace(".", "")
-  build_cmd = [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."]
+  build_cmd = [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "./xla_ops", "-e", "."]
   check_cmd = [py, "-c", "import xla_ops, importlib; m = importlib.import_module('xla_ops._xla_ops_{}'); "
                "print(sorted(m.registrations()))".format("cpu" if args.cpu_smoke else "cuda")]
   if "build" in selected:
