@@ -40,6 +40,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   config.eval_every = 5000  # loss on eval_batches of the eval split every this many steps and at the end (<= 0: never)
   config.eval_batches = 50  # batches of the eval split per periodic evaluation (-1: all)
   config.checkpoint_every = 2000
+  # A non-finite loss or gradient: "stop" the run (naming the step and the term; the newest checkpoint is
+  # the last good state) or "skip" the step's update and count it (docs/guarantees.md).
+  config.nonfinite_policy = "stop"
   config.keep_checkpoints = 3
   config.seed = 0
 

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpcr_jax import checkpointing
+from dpcr_jax import checkpointing, nonfinite, workdir as workdir_lib
 
 STAGES = ("sparse", "dense", "finetune")
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -84,6 +84,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if round(config.lr_step_at * config.num_train_steps) <= config.lr_warmup_steps:
       raise ValueError(f"config.lr_step_at={config.lr_step_at} puts the step inside the warm-up "
                        f"({config.lr_warmup_steps} steps)")
+  if config.nonfinite_policy not in nonfinite.POLICIES:
+    raise ValueError(f"config.nonfinite_policy must be one of {nonfinite.POLICIES}, got {config.nonfinite_policy!r}")
   for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"config.{name} must be > 0, got {config[name]}")
@@ -169,7 +171,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   Args:
     loss_fn: (outputs, batch, params) -> (loss, metrics dict of scalars).
   Returns:
-    (new state, metrics incl. 'loss').
+    (new state, metrics incl. 'loss', 'grad_norm' and the non-finite guard's flags ``nonfinite.HEALTH_KEYS``).
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -182,7 +184,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+  # A non-finite loss or gradient leaves params, batch stats and optimizer state as they were (nonfinite.py).
+  grad_norm, health = nonfinite.step_health(loss, grads)
+  params, batch_stats, opt_state = nonfinite.keep_if_finite(
+      health[nonfinite.FINITE], (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state))
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, **health)
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
 
 
@@ -315,15 +321,19 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains ``config.stage`` in ``workdir`` (resuming if it holds checkpoints); returns the final state."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> TrainState:
+  """Trains ``config.stage`` in ``workdir`` (resuming if it holds checkpoints); returns the final state.
+
+  The workdir is locked for the run, and a config that differs from the run saved there in what is trained
+  is refused (dpcr_jax/workdir.py); ``restart=True`` moves that run aside and starts from step 0 instead.
+  """
   maybe_initialize_distributed(config)  # first: jax.distributed must start before any backend (device_count)
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  with workdir_lib.open_run(config, workdir, restart):
+    return _train(config, workdir)
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   mesh = make_mesh()
   local_batch = config.batch_size // jax.process_count()
   model = _build_model(config)
@@ -353,6 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                num_params, jax.device_count(), config.batch_size, start_step, config.num_train_steps)
 
   train_fn, eval_fn = jit_steps(model, tx, loss_fn, mesh)
+  guard = nonfinite.NonFiniteGuard(config.nonfinite_policy, checkpointing.leaf_names(state.params))
   writer = MetricWriter(workdir)
   pending, period_start, period_step = [], time.time(), start_step
   step = start_step
@@ -360,10 +371,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     while step < config.num_train_steps:
       batch = shard_batch(select_batch(next(train_iter), config.stage), mesh)
       state, metrics = train_fn(state, batch)
-      pending.append(metrics)
       step += 1
+      pending.append((step, guard.observe(step, metrics)))  # raises on a non-finite step (policy 'stop')
+      ckpt.check_for_errors()  # a failed background save stops the run now, not minutes later
       if step % config.log_every == 0 or step == config.num_train_steps:
-        scalars = _mean_metrics(pending)
+        guard.flush()
+        guard.check_period(period_step, step)
+        scalars = _mean_metrics([m for s, m in pending if not guard.was_skipped(s)])
+        if guard.skipped:
+          scalars["skipped_steps"] = len(guard.skipped)
         elapsed = time.time() - period_start
         steps_per_sec = (step - period_step) / max(elapsed, 1e-9)
         scalars["steps_per_sec"] = steps_per_sec
@@ -380,6 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      ", ".join(f"{k} {v:.5g}" for k, v in sorted(eval_scalars.items())))
         period_start = time.time()  # do not count evaluation time in steps/s
       if step % config.checkpoint_every == 0 or step == config.num_train_steps:
+        guard.flush()  # never save after a non-finite step that has not been checked
         ckpt.save(step, state, train_iter.get_state(), force=True)
   finally:
     ckpt.close()

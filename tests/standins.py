@@ -131,6 +131,7 @@ def tiny_config(stage: str, root: str) -> ml_collections.ConfigDict:
   config.eval_every = 6
   config.checkpoint_every = 4
   config.keep_checkpoints = 3
+  config.nonfinite_policy = "stop"
   config.seed = 0
   config.init = ml_collections.ConfigDict({"sparse_checkpoint": "", "dense_checkpoint": ""})
   config.distributed = ml_collections.ConfigDict({
