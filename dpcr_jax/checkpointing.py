@@ -246,7 +246,11 @@ class Checkpointer:
     self.save_every = save_every
     self.workdir = os.path.abspath(workdir)
     self._failed = False
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+    # Directories are created inside save(), not in a background thread: a folder that cannot be written
+    # then fails that save() at once, instead of leaving Orbax's other threads waiting 5 minutes for it.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=_handlers())
 
   def _fail(self, step: int | None, e: BaseException) -> CheckpointSaveError:

@@ -79,7 +79,8 @@ class NonFiniteGuard:
     host = jax.device_get(metrics)
     terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(host.items())
                       if k not in HEALTH_KEYS and np.ndim(v) == 0)
-    nonfinite = [k for k, v in sorted(host.items()) if k not in HEALTH_KEYS and not np.isfinite(v).all()]
+    nonfinite = [k for k, v in sorted(host.items())
+                 if k not in HEALTH_KEYS + ("grad_norm",) and not np.isfinite(v).all()]
     first = int(host[FIRST_BAD_GRAD])
     grad = (f"; first non-finite gradient: {self.grad_names[first] if first < len(self.grad_names) else first}"
             if first >= 0 else "; gradients finite")
