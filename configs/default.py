@@ -6,6 +6,7 @@ import ml_collections
 
 from dpcr_jax.data import default_data_config
 from dpcr_jax.models import default_loss_config, default_model_config
+from dpcr_jax.train import STAGES
 
 # Training steps per epoch of the paper's runs: sum over the 13 categories of floor(12 * models / batch) with
 # the R2N2 train lists (../shared/data/shapenet-splits/train_models.json); the original drops each category's
@@ -15,6 +16,8 @@ PAPER_STEPS_PER_EPOCH = {32: 13127, 12: 35022, 10: 42021}
 
 def base_config(stage: str) -> ml_collections.ConfigDict:
   """Paper settings common to the three stages; ``stage`` in {'sparse', 'dense', 'finetune'}."""
+  if stage not in STAGES:  # the argument after ':' in --config configs/<file>.py:<stage>
+    raise ValueError(f"unknown stage {stage!r} (after ':' in the config path); expected one of {', '.join(STAGES)}")
   config = ml_collections.ConfigDict()
   config.stage = stage
   config.model = default_model_config()

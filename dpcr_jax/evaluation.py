@@ -108,11 +108,16 @@ def aggregate(records: dict[str, np.ndarray], categories: np.ndarray, names: lis
   """Per-category means of per-example metrics and their unweighted mean over the categories present.
 
   Args:
-    records: metric -> [K] per-example values (NaN = not computed for that example).
+    records: metric -> [K] per-example values (NaN = not computed for that example, e.g. EMD on a subset;
+      +-Inf is an error: a computed value must be finite, evaluate_predictions checks that).
     categories: [K] int category index; names: index -> category name.
   Returns:
-    {category name: {metric: mean, 'count': n}, ..., 'mean': {metric: mean of category means}}.
+    {category name: {metric: mean, 'count': n, 'n_<metric>': how many values the mean is over}, ...,
+     'mean': {metric: mean of category means}}.
   """
+  for metric, values in records.items():
+    if np.isinf(values).any():
+      raise ValueError(f"aggregate: {metric} has {int(np.isinf(values).sum())} infinite values")
   table = {}
   for c in sorted(set(int(c) for c in categories)):
     sel = categories == c
@@ -120,6 +125,7 @@ def aggregate(records: dict[str, np.ndarray], categories: np.ndarray, names: lis
     for metric, values in records.items():
       vals = values[sel][~np.isnan(values[sel])]
       row[metric] = float(vals.mean()) if len(vals) else float("nan")
+      row[f"n_{metric}"] = int(len(vals))
     table[names[c] if 0 <= c < len(names) else "other"] = row  # PSGN labels models outside the 13 as -1
   table["mean"] = {"count": int(len(categories))}
   for metric in records:
@@ -251,6 +257,32 @@ def _padded_batches(batches: Iterable[dict], batch_size: int) -> Iterator[tuple[
     yield batch, n
 
 
+class NonFiniteOutputError(ValueError):
+  """A prediction or a metric of the evaluation is NaN or Inf (it would otherwise vanish from the means)."""
+
+
+def _check_finite_predictions(methods: dict, n: int, offset: int, model_ids=None) -> None:
+  """Raises NonFiniteOutputError naming the method and the examples whose predicted cloud is not finite."""
+  for name, pred in methods.items():
+    bad = np.flatnonzero(~np.isfinite(np.asarray(pred[:n])).all(axis=(1, 2)))
+    if len(bad):
+      which = [f"{offset + i}" + (f" ({model_ids[i]})" if model_ids is not None else "") for i in bad[:5]]
+      raise NonFiniteOutputError(f"{name}: non-finite predicted points for {len(bad)} example(s) of this batch, "
+                                 f"e.g. example {', '.join(which)}; refusing to average around them (a run "
+                                 "with non-finite parameters, or a diverged model)")
+
+
+def _check_finite_metrics(name: str, values: dict, emd_rows: np.ndarray, offset: int) -> None:
+  """Raises NonFiniteOutputError when a computed metric value (EMD: rows ``emd_rows`` only) is not finite."""
+  for metric, v in values.items():
+    computed = np.zeros(len(v), bool)
+    computed[emd_rows if metric == "emd" else slice(None)] = True
+    bad = np.flatnonzero(computed & ~np.isfinite(v))
+    if len(bad):
+      raise NonFiniteOutputError(f"{name}: non-finite {metric} for {len(bad)} example(s), e.g. example "
+                                 f"{offset + int(bad[0])}")
+
+
 def evaluate_predictions(predict_fn, batches: Iterable[dict], batch_size: int, category_names: list[str],
                          baselines: MedoidBaselines | None = None, emd_examples_per_category: int = -1,
                          exact_emd_clouds: int = 0, impl: str = "ffi", max_batches: int = -1) -> dict:
@@ -286,13 +318,15 @@ def evaluate_predictions(predict_fn, batches: Iterable[dict], batch_size: int, c
       emd_count[int(c)] = emd_count.get(int(c), 0) + 1
       want_emd[i] = emd_examples_per_category < 0 or emd_count[int(c)] <= emd_examples_per_category
     emd_rows = np.flatnonzero(want_emd)  # EMD is the slow metric: only for the examples that want it
+    _check_finite_predictions(methods, n, b * batch_size, batch.get("model_id"))
     for name, pred in methods.items():
       values = jax.device_get(cloud_metrics(jnp.asarray(pred), jnp.asarray(gt), with_emd=False, impl=impl))
       values = {k: np.asarray(v[:n], np.float64) for k, v in values.items()}
-      values["emd"] = np.full(n, np.nan)
+      values["emd"] = np.full(n, np.nan)  # NaN = not computed for that example (aggregate() counts them)
       if len(emd_rows):
         values["emd"][emd_rows] = np.asarray(protocol_emd(jnp.asarray(pred[emd_rows]), jnp.asarray(gt[emd_rows]),
                                                           impl=impl))
+      _check_finite_metrics(name, values, emd_rows, b * batch_size)
       for k, v in values.items():
         per_method.setdefault(name, {}).setdefault(k, []).append(v)
     categories.append(cats)
