@@ -92,8 +92,8 @@ class NonFiniteGuard:
     message = self.describe(step, metrics)
     if self.policy == "stop":
       raise NonFiniteError(
-          f"Training stopped at {message}. The update was not applied and nothing was saved after it: the "
-          "newest checkpoint is the last good state. Lower config.learning_rate or check the data for "
+          f"Training stopped at {message}. The update was not applied and nothing was saved after it (the "
+          "checkpoints already written hold finite, verified state). Lower config.learning_rate or check the data for "
           "NaN/Inf; config.nonfinite_policy='skip' drops such steps instead.")
     self.skipped.add(step)
     logging.warning("Skipped %s (config.nonfinite_policy='skip'; %d skipped so far)", message, len(self.skipped))
