@@ -5,8 +5,8 @@ A checkpoint step directory ``<workdir>/checkpoints/<step>/`` holds four items:
   - ``train``: {'step', 'opt_state', 'rng'};
   - ``data``: the input iterator's ``get_state()`` as JSON (the iterators of all processes advance in lockstep,
     so the primary process's state is the state of every process);
-  - ``checksums``: a 32-bit fingerprint of every array of ``variables`` and ``train``, computed on the device
-    from the values that were saved (``tree_fingerprints``).
+  - ``checksums``: a 32-bit fingerprint of every array of ``variables`` and ``train``, computed from the
+    values that were saved (``tree_fingerprints``).
 
 What a step guarantees (docs/guarantees.md):
   - Orbax writes a step into a temporary directory and renames it when complete, so a run killed mid-save
@@ -27,7 +27,7 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dpcr_jax.errors import RunError
@@ -85,47 +85,37 @@ def leaf_names(tree: Any) -> list[str]:
   return ["/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def _leaf_bits(x: jax.Array) -> jax.Array:
+def _leaf_bits(x: np.ndarray) -> np.ndarray:
   """Any array -> its raw bits as uint32 [n] (16- and 8-bit types widened, 64-bit split in two words)."""
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+  x = np.ascontiguousarray(x)
+  if x.dtype == np.bool_:
+    x = x.astype(np.uint8)
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]
+  return x.reshape(-1).view(unsigned).astype(np.uint32, copy=False)
 
 
-def _leaf_fingerprint(x: jax.Array) -> jax.Array:
-  """uint32 [] position-weighted sum of the array's mixed bits: any changed, swapped or lost word changes it
-  with probability ~1 - 2^-32. Integer sums wrap, so the value does not depend on the reduction order."""
+def _leaf_fingerprint(x: np.ndarray) -> int:
+  """Position-weighted sum (mod 2^32) of the array's mixed bits: any changed, swapped or lost word changes it
+  with probability ~1 - 2^-32."""
   bits = _leaf_bits(x)
-  weights = jax.lax.iota(jnp.uint32, bits.size) * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)
-  mixed = (bits ^ (bits >> 15)) * (weights | jnp.uint32(1))
-  return jnp.sum(mixed, dtype=jnp.uint32) ^ jnp.uint32(bits.size & 0xFFFFFFFF)
-
-
-def _leaf_finite(x: jax.Array) -> jax.Array:
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.all(jnp.isfinite(x))
-  return jnp.bool_(True)
-
-
-@jax.jit
-def _inspect(tree: Any) -> tuple[jax.Array, jax.Array]:
-  """-> (fingerprints uint32 [L], finite bool [L]) of the L leaves, in one program on the device."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((0,), jnp.uint32), jnp.zeros((0,), jnp.bool_)
-  return (jnp.stack([_leaf_fingerprint(jnp.asarray(x)) for x in leaves]),
-          jnp.stack([_leaf_finite(jnp.asarray(x)) for x in leaves]))
+  weights = np.arange(bits.size, dtype=np.uint32) * np.uint32(0x9E3779B1) + np.uint32(0x7F4A7C15)
+  mixed = (bits ^ (bits >> np.uint32(15))) * (weights | np.uint32(1))
+  return int(np.sum(mixed, dtype=np.uint32)) ^ (bits.size & 0xFFFFFFFF)
 
 
 def tree_fingerprints(tree: Any) -> tuple[dict[str, int], list[str]]:
-  """-> ({leaf name: fingerprint}, names of the leaves that hold NaN or Inf)."""
+  """-> ({leaf name: fingerprint}, names of the leaves that hold NaN or Inf).
+
+  Computed on the host (numpy, no compilation) from a copy of the arrays; Orbax copies them to the host for
+  writing anyway, and this runs only at save and restore.
+  """
   names = leaf_names(tree)
-  fingerprints, finite = jax.device_get(_inspect(tree))
-  return ({n: int(f) for n, f in zip(names, fingerprints)},
-          [n for n, ok in zip(names, finite) if not ok])
+  leaves = [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+            for x in jax.tree.leaves(tree)]
+  leaves = [np.asarray(x) for x in jax.device_get(leaves)]
+  fingerprints = {n: _leaf_fingerprint(x) for n, x in zip(names, leaves)}
+  nonfinite = [n for n, x in zip(names, leaves) if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all()]
+  return fingerprints, nonfinite
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
