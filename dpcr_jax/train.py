@@ -357,6 +357,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   elif config.stage == "finetune" and (config.init.sparse_checkpoint or config.init.dense_checkpoint):
     state = replicate(checkpointing.init_finetune_state(state, config.init.sparse_checkpoint,
                                                          config.init.dense_checkpoint), mesh)
+  workdir_lib.record_config(config, workdir)  # only now: a refused restore leaves the old config.json
   start_step = int(jax.device_get(state.step))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Stage %s: %d parameters, %d devices, global batch %d, steps %d -> %d", config.stage,

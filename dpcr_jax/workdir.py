@@ -11,7 +11,9 @@
      are moved to ``<workdir>/previous_runs/<UTC time>/`` (never deleted) and training starts from step 0.
      Fields in ``RESUMABLE_FIELDS`` (how long, how often to log/evaluate/save, where the data lives, ...)
      may change on resume; the changes are logged;
-  4. writes ``config.json`` (atomically: a temporary file renamed over the old one).
+``record_config(config, workdir)`` then writes ``config.json`` (atomically: a temporary file renamed over the
+old one), called by the training loop once the checkpoints have been restored, so a refused start (a config
+or checkpoint mismatch) leaves the old file as it was.
 Only the primary process (``jax.process_index() == 0``) does any of this; the others share its files.
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ RESUMABLE_FIELDS = (
     "num_train_steps", "log_every", "eval_every", "eval_batches", "eval_batch_size", "eval_split",
     "checkpoint_every", "keep_checkpoints", "nonfinite_policy", "init.*", "distributed.*",
     "data.root", "data.num_workers", "data.prefetch", "data.skip_missing", "data.psgn_split_dir",
-    "data.r2n2_split_file",
+    "data.r2n2_split_file", "model.ops_impl",
 )
 
 
@@ -221,7 +223,10 @@ def _move_run_aside(workdir: str) -> str | None:
   return target
 
 
-def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the run's config.json (primary process; atomic rename)."""
+  if jax.process_index() != 0:
+    return
   path = os.path.join(workdir, CONFIG_NAME)
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
@@ -232,7 +237,7 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> None:
-  """Steps 2-4 of the module doc (the caller holds the lock)."""
+  """Steps 2-3 of the module doc (the caller holds the lock)."""
   from dpcr_jax import checkpointing  # pylint: disable=g-import-not-at-top
   saved_path = os.path.join(workdir, CONFIG_NAME)
   if restart:
@@ -255,7 +260,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, restart: bool = Fal
     for line in allowed:
       logging.info("Resuming with a changed setting: %s", line)
   check_writable(workdir, checkpointing.checkpoint_dir(workdir))
-  _write_config(workdir, config)
 
 
 class open_run:  # pylint: disable=invalid-name  (used as a context manager, like open())

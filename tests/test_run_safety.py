@@ -86,6 +86,7 @@ def test_checkpoint_of_another_model_is_a_mismatch_not_damage(tmp_path, patched)
   with pytest.raises(checkpointing.CheckpointMismatchError, match=r"another model or stage: .*Dense_0"):
     train.train_and_evaluate(_config(tmp_path, stage="dense"), run)
   assert _steps(run) == steps and not os.path.exists(os.path.join(run, checkpointing.DAMAGED_DIR))
+  assert not os.path.exists(os.path.join(run, "config.json"))  # not rewritten for the refused config
 
 
 def test_config_differences():
