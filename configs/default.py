@@ -7,7 +7,7 @@ data follow. ``ops_impl`` (top level) picks the xla_ops backend of the model, th
 """
 import ml_collections
 
-from dpcr_jax import config_lib
+from dpcr_jax import config_lib, stages
 from dpcr_jax.data import default_data_config
 from dpcr_jax.models import default_loss_config, default_model_config
 
@@ -19,6 +19,9 @@ PAPER_STEPS_PER_EPOCH = {32: 13127, 12: 35022, 10: 42021}
 
 def base_config(stage: str) -> ml_collections.ConfigDict:
   """Paper settings common to the three stages; ``stage`` in {'sparse', 'dense', 'finetune'}."""
+  if stage not in stages.NAMES:  # the argument after ':' in --config configs/<file>.py:<stage>
+    raise ValueError(f"unknown stage {stage!r} (after ':' in the config path); expected one of "
+                     f"{', '.join(stages.NAMES)}")
   config = ml_collections.ConfigDict()
   config.stage = stage
   config.ops_impl = "ffi"  # xla_ops backend of every point op: "ffi" (custom calls) or "jnp" (pure jax.numpy)
@@ -45,6 +48,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   config.eval_every = 5000  # loss on eval_batches of the eval split every this many steps and at the end (<= 0: never)
   config.eval_batches = 50  # batches of the eval split per periodic evaluation (-1: all)
   config.checkpoint_every = 2000
+  # A non-finite loss or gradient: "stop" the run (naming the step and the term; the newest checkpoint is
+  # the last good state) or "skip" the step's update and count it (docs/guarantees.md).
+  config.nonfinite_policy = "stop"
   config.keep_checkpoints = 3
   config.seed = 0  # parameter initialisation, dropout and the data order (the same on every process)
 

@@ -14,7 +14,7 @@ import os
 import jax
 import ml_collections
 
-from dpcr_jax import stages
+from dpcr_jax import nonfinite, stages
 from dpcr_jax.models import OPS_IMPLS, point_counts
 
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -91,6 +91,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if round(config.lr_step_at * config.num_train_steps) <= config.lr_warmup_steps:
       raise ValueError(f"config.lr_step_at={config.lr_step_at} puts the step inside the warm-up "
                        f"({config.lr_warmup_steps} steps)")
+  if config.nonfinite_policy not in nonfinite.POLICIES:
+    raise ValueError(f"config.nonfinite_policy must be one of {nonfinite.POLICIES}, got {config.nonfinite_policy!r}")
   for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if config[name] <= 0:
       raise ValueError(f"config.{name} must be > 0, got {config[name]}")

@@ -32,6 +32,32 @@ def _padded_batches(batches: Iterable[dict], batch_size: int) -> Iterator[tuple[
     yield batch, n
 
 
+class NonFiniteOutputError(ValueError):
+  """A prediction or a metric of the evaluation is NaN or Inf (it would otherwise vanish from the means)."""
+
+
+def _check_finite_predictions(methods: dict, n: int, offset: int, model_ids=None) -> None:
+  """Raises NonFiniteOutputError naming the method and the examples whose predicted cloud is not finite."""
+  for name, pred in methods.items():
+    bad = np.flatnonzero(~np.isfinite(np.asarray(pred[:n])).all(axis=(1, 2)))
+    if len(bad):
+      which = [f"{offset + i}" + (f" ({model_ids[i]})" if model_ids is not None else "") for i in bad[:5]]
+      raise NonFiniteOutputError(f"{name}: non-finite predicted points for {len(bad)} example(s) of this batch, "
+                                 f"e.g. example {', '.join(which)}; refusing to average around them (a run "
+                                 "with non-finite parameters, or a diverged model)")
+
+
+def _check_finite_metrics(name: str, values: dict, emd_rows: np.ndarray, offset: int) -> None:
+  """Raises NonFiniteOutputError when a computed metric value (EMD: rows ``emd_rows`` only) is not finite."""
+  for metric, v in values.items():
+    computed = np.zeros(len(v), bool)
+    computed[emd_rows if metric == "emd" else slice(None)] = True
+    bad = np.flatnonzero(computed & ~np.isfinite(v))
+    if len(bad):
+      raise NonFiniteOutputError(f"{name}: non-finite {metric} for {len(bad)} example(s), e.g. example "
+                                 f"{offset + int(bad[0])}")
+
+
 def evaluate_predictions(predict_fn, batches: Iterable[dict], batch_size: int, category_names: list[str],
                          baselines: MedoidBaselines | None = None, emd_examples_per_category: int = -1,
                          exact_emd_clouds: int = 0, impl: str = "ffi", max_batches: int = -1) -> dict:
@@ -67,13 +93,15 @@ def evaluate_predictions(predict_fn, batches: Iterable[dict], batch_size: int, c
       emd_count[int(c)] = emd_count.get(int(c), 0) + 1
       want_emd[i] = emd_examples_per_category < 0 or emd_count[int(c)] <= emd_examples_per_category
     emd_rows = np.flatnonzero(want_emd)  # EMD is the slow metric: only for the examples that want it
+    _check_finite_predictions(methods, n, b * batch_size, batch.get("model_id"))
     for name, pred in methods.items():
       values = jax.device_get(cloud_metrics(jnp.asarray(pred), jnp.asarray(gt), with_emd=False, impl=impl))
       values = {k: np.asarray(v[:n], np.float64) for k, v in values.items()}
-      values["emd"] = np.full(n, np.nan)
+      values["emd"] = np.full(n, np.nan)  # NaN = not computed for that example (aggregate() counts them)
       if len(emd_rows):
         values["emd"][emd_rows] = np.asarray(protocol_emd(jnp.asarray(pred[emd_rows]), jnp.asarray(gt[emd_rows]),
                                                           impl=impl))
+      _check_finite_metrics(name, values, emd_rows, b * batch_size)
       for k, v in values.items():
         per_method.setdefault(name, {}).setdefault(k, []).append(v)
     categories.append(cats)

@@ -4,7 +4,8 @@ A run's workdir holds ``config.json`` (written by train.py) and ``checkpoints/``
 model from the former and restores params and batch stats (only) from the latter. A finetune run predicts
 the sparse and dense clouds; a sparse-stage run predicts the sparse cloud only.
 
-Input images: any size and format PIL reads. As in the paper's data, the object sits on a black
+Input images: any size and format PIL reads, decoded by dpcr_jax/images.py (transparency over black, 16-bit
+scaled, undecodable files reported by path and skipped). As in the paper's data, the object sits on a black
 background: an optional mask (white = object) blacks out everything else (the paper's Pix3D protocol);
 non-square images are padded with black to a square, then resized to the model's input size.
 """
@@ -19,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
-from dpcr_jax import checkpointing, cloud_io, stages, visualize
+from dpcr_jax import checkpointing, cloud_io, images as images_lib, stages, visualize
+from dpcr_jax.images import load_image  # pylint: disable=unused-import  (part of this module's API)
 
 
 def _run_dir(path: str) -> str:
@@ -79,21 +80,6 @@ class Predictor:
     return {k: np.asarray(v) for k, v in outputs.items() if k in ("sparse", "dense")}
 
 
-def load_image(path: str, size: int, mask_path: str | None = None) -> np.ndarray:
-  """An image file -> float32 [size,size,3] in [0,1]: masked to a black background, padded square, resized."""
-  image = Image.open(path).convert("RGB")
-  array = np.asarray(image, np.float32) / 255.0
-  if mask_path is not None:
-    mask = Image.open(mask_path).convert("L")
-    if mask.size != image.size:
-      raise ValueError(f"mask {mask_path} is {mask.size}, image {path} is {image.size}")
-    array = array * (np.asarray(mask) > 127)[..., None]
-  h, w = array.shape[:2]
-  side = max(h, w)
-  square = np.zeros((side, side, 3), np.float32)
-  square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = array
-  resized = Image.fromarray((square * 255).round().astype(np.uint8)).resize((size, size), Image.BILINEAR)
-  return np.asarray(resized, np.float32) / 255.0
 
 
 def expand_paths(pattern_or_dir: str) -> list[str]:
@@ -110,26 +96,45 @@ def expand_paths(pattern_or_dir: str) -> list[str]:
 
 def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: str,
                   mask_paths: Sequence[str] | None = None, batch_size: int = 8) -> list[dict]:
-  """Predicts every image; writes <stem>.ply + <stem>.npy (the densest cloud) and <stem>.png (input |
-  clouds rendered from the input camera) into ``output_dir``. Returns [{'image', 'ply', 'npy', 'png'}]."""
+  """Predicts every image; writes <name>.ply + <name>.npy (the densest cloud) and <name>.png (input |
+  clouds rendered from the input camera) into ``output_dir``; names are distinct (images.output_stems).
+
+  Returns one record per input, in order: {'image', 'ply', 'npy', 'png'} when written, {'image', 'error'}
+  when the image (or its mask) could not be decoded or the prediction was not finite (nothing is written for
+  it; the other images still are).
+  """
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f"batch_size (--batch_size) must be a positive int, got {batch_size!r}")
   if mask_paths is not None and len(mask_paths) != len(image_paths):
     raise ValueError(f"got {len(mask_paths)} masks for {len(image_paths)} images")
   os.makedirs(output_dir, exist_ok=True)
-  written = []
-  for start in range(0, len(image_paths), batch_size):
-    paths = list(image_paths[start:start + batch_size])
-    masks = list(mask_paths[start:start + batch_size]) if mask_paths is not None else [None] * len(paths)
-    images = np.stack([load_image(p, predictor.image_size, m) for p, m in zip(paths, masks)])
-    n = len(paths)
+  names = images_lib.output_stems(image_paths)
+  masks = list(mask_paths) if mask_paths is not None else [None] * len(image_paths)
+  records: list[dict | None] = [None] * len(image_paths)
+  loaded = []  # (input index, image) of the decodable inputs
+  for k, path in enumerate(image_paths):
+    try:
+      loaded.append((k, images_lib.load_image(path, predictor.image_size, masks[k])))
+    except images_lib.ImageError as e:
+      records[k] = {"image": path, "error": str(e)}
+  for start in range(0, len(loaded), batch_size):
+    indices = [k for k, _ in loaded[start:start + batch_size]]
+    images = np.stack([x for _, x in loaded[start:start + batch_size]])
+    n = len(indices)
     if n < batch_size:  # pad to a fixed batch: one compilation
       images = np.concatenate([images, np.repeat(images[-1:], batch_size - n, axis=0)])
     outputs = predictor(images)
-    for i, path in enumerate(paths):
-      stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
+    for i, k in enumerate(indices):
+      path, stem = image_paths[k], os.path.join(output_dir, names[k])
+      bad = [k for k in ("sparse", "dense") if k in outputs and not np.isfinite(outputs[k][i]).all()]
+      if bad:
+        records[k] = {"image": path, "error": f"{path}: non-finite {' and '.join(bad)} prediction "
+                                                  "(nothing written for it)"}
+        continue
       cloud = outputs["dense"][i] if "dense" in outputs else outputs["sparse"][i]
       cloud_io.write_ply(stem + ".ply", cloud)
       np.save(stem + ".npy", cloud)
       columns = ["input"] + [k for k in ("sparse", "dense") if k in outputs]
       visualize.qualitative_grid([[images[i]] + [outputs[k][i] for k in columns[1:]]], columns, stem + ".png")
-      written.append({"image": path, "ply": stem + ".ply", "npy": stem + ".npy", "png": stem + ".png"})
-  return written
+      records[k] = {"image": path, "ply": stem + ".ply", "npy": stem + ".npy", "png": stem + ".png"}
+  return records

@@ -19,11 +19,16 @@ def aggregate(records: dict[str, np.ndarray], categories: np.ndarray, names: lis
   """Per-category means of per-example metrics and their unweighted mean over the categories present.
 
   Args:
-    records: metric -> [K] per-example values (NaN = not computed for that example).
+    records: metric -> [K] per-example values (NaN = not computed for that example, e.g. EMD on a subset;
+      +-Inf is an error: a computed value must be finite, evaluation.evaluate_predictions checks that).
     categories: [K] int category index; names: index -> category name.
   Returns:
-    {category name: {metric: mean, 'count': n}, ..., 'mean': {metric: mean of category means}}.
+    {category name: {metric: mean, 'count': n, 'n_<metric>': how many values the mean is over}, ...,
+     'mean': {metric: mean of category means}}.
   """
+  for metric, values in records.items():
+    if np.isinf(values).any():
+      raise ValueError(f"aggregate: {metric} has {int(np.isinf(values).sum())} infinite values")
   table = {}
   for c in sorted(set(int(c) for c in categories)):
     sel = categories == c
@@ -31,6 +36,7 @@ def aggregate(records: dict[str, np.ndarray], categories: np.ndarray, names: lis
     for metric, values in records.items():
       vals = values[sel][~np.isnan(values[sel])]
       row[metric] = float(vals.mean()) if len(vals) else float("nan")
+      row[f"n_{metric}"] = int(len(vals))
     table[names[c] if 0 <= c < len(names) else "other"] = row  # PSGN labels models outside the 13 as -1
   table["mean"] = {"count": int(len(categories))}
   for metric in records:

@@ -31,8 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpcr_jax import checkpointing
-from dpcr_jax import stages
+from dpcr_jax import checkpointing, nonfinite, stages, workdir as workdir_lib
 from dpcr_jax.config_lib import validate_config
 
 
@@ -120,7 +119,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   Args:
     loss_fn: (outputs, batch, params) -> (loss, metrics dict of scalars).
   Returns:
-    (new state, metrics incl. 'loss').
+    (new state, metrics incl. 'loss', 'grad_norm' and the non-finite guard's flags ``nonfinite.HEALTH_KEYS``).
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -133,7 +132,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+  # A non-finite loss or gradient leaves params, batch stats and optimizer state as they were (nonfinite.py).
+  grad_norm, health = nonfinite.step_health(loss, grads)
+  params, batch_stats, opt_state = nonfinite.keep_if_finite(
+      health[nonfinite.FINITE], (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state))
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, **health)
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
 
 
@@ -266,8 +269,12 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage: stages.Stage | None = None,
-                       inputs_fn: Callable[[ml_collections.ConfigDict], Inputs] | None = None) -> TrainState:
+                       inputs_fn: Callable[[ml_collections.ConfigDict], Inputs] | None = None,
+                       restart: bool = False) -> TrainState:
   """Trains ``config.stage`` in ``workdir`` (resuming if it holds checkpoints); returns the final state.
+
+  The workdir is locked for the run, and a config that differs from the run saved there in what is trained
+  is refused (dpcr_jax/workdir.py); ``restart=True`` moves that run aside and starts from step 0 instead.
 
   Args:
     stage: the model and loss (default: ``stages.get(config.stage)``).
@@ -279,16 +286,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
   stage = stage or stages.get(config.stage)
   if stage.name != config.stage:
     raise ValueError(f"the stage passed ({stage.name!r}) is not config.stage ({config.stage!r})")
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  with workdir_lib.open_run(config, workdir, restart):
+    return _train(config, workdir, stage, inputs_fn or make_inputs)
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stage: stages.Stage,
+           inputs_fn: Callable[[ml_collections.ConfigDict], Inputs]) -> TrainState:
   mesh = make_mesh()
   model = stage.build_model(config)
   tx = make_optimizer(config)
   loss_fn = stage.make_loss_fn(config)
-  inputs = (inputs_fn or make_inputs)(config)
+  inputs = inputs_fn(config)
   train_iter = inputs.train
 
   # Parameters are initialised from the shapes of one batch; the iterator is rewound afterwards.
@@ -307,12 +315,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
   elif stage.name == "finetune" and (config.init.sparse_checkpoint or config.init.dense_checkpoint):
     state = replicate(checkpointing.init_finetune_state(state, config.init.sparse_checkpoint,
                                                          config.init.dense_checkpoint), mesh)
+  workdir_lib.record_config(config, workdir)  # only now: a refused restore leaves the old config.json
   start_step = int(jax.device_get(state.step))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Stage %s: %d parameters, %d devices, global batch %d, steps %d -> %d", config.stage,
                num_params, jax.device_count(), config.batch_size, start_step, config.num_train_steps)
 
   train_fn, eval_fn = jit_steps(model, tx, loss_fn, mesh)
+  guard = nonfinite.NonFiniteGuard(config.nonfinite_policy, checkpointing.leaf_names(state.params))
   writer = MetricWriter(workdir)
   pending, period_start, period_step = [], time.time(), start_step
   step = start_step
@@ -320,10 +330,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
     while step < config.num_train_steps:
       batch = shard_batch(select_batch(next(train_iter), stage), mesh)
       state, metrics = train_fn(state, batch)
-      pending.append(metrics)
       step += 1
+      pending.append((step, guard.observe(step, metrics)))  # raises on a non-finite step (policy 'stop')
+      ckpt.check_for_errors()  # a failed background save stops the run now, not minutes later
       if step % config.log_every == 0 or step == config.num_train_steps:
-        scalars = _mean_metrics(pending)
+        guard.flush()
+        guard.check_period(period_step, step)
+        scalars = _mean_metrics([m for s, m in pending if not guard.was_skipped(s)])
+        if guard.skipped:
+          scalars["skipped_steps"] = len(guard.skipped)
         elapsed = time.time() - period_start
         steps_per_sec = (step - period_step) / max(elapsed, 1e-9)
         scalars["steps_per_sec"] = steps_per_sec
@@ -340,6 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
                      ", ".join(f"{k} {v:.5g}" for k, v in sorted(eval_scalars.items())))
         period_start = time.time()  # do not count evaluation time in steps/s
       if step % config.checkpoint_every == 0 or step == config.num_train_steps:
+        guard.flush()  # never save after a non-finite step that has not been checked
         ckpt.save(step, state, train_iter.get_state(), force=True)
   finally:
     ckpt.close()

@@ -25,6 +25,7 @@ spread it anyway), so its ``earth_mover_distance`` and gradient are NaN; other e
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,39 @@ def _check_pair(xyz1, xyz2):
   _checks.check_same_batch("xyz1", xyz1.shape[:-2], "xyz2", xyz2.shape[:-2])
 
 
+def _available_bytes() -> int | None:
+  """Free memory of the default device: MemAvailable of /proc/meminfo on CPU, bytes_limit - bytes_in_use on
+  accelerators; None when unknown (then nothing is refused)."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    try:
+      with open("/proc/meminfo") as f:
+        for line in f:
+          if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+      return None
+    return None
+  stats = device.memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def _check_match_fits(xyz1, xyz2) -> None:
+  """Refuses (at trace time) an approx_match whose [..., m, n] float32 output alone exceeds the free memory of
+  the default device, instead of letting the OS kill the process. (The jnp baseline needs several such
+  matrices; only the output is counted.)"""
+  batch, n, m = math.prod(xyz1.shape[:-2]), xyz1.shape[-2], xyz2.shape[-2]
+  need = batch * m * n * 4
+  available = _available_bytes()
+  if available is not None and need > available:
+    raise ValueError(f"approx_match: the match matrix for batch {batch}, m={m} (xyz2), n={n} (xyz1) is "
+                     f"{batch} x {m} x {n} float32 = {need:,} bytes ({need / 2**30:.1f} GiB), more than the "
+                     f"{available:,} bytes ({available / 2**30:.1f} GiB) free on {jax.devices()[0].platform}; "
+                     "subsample the clouds (e.g. farthest_point_sample) or split the batch")
+
+
 def approx_match(xyz1: jax.Array, xyz2: jax.Array, *, impl: str = "ffi") -> jax.Array:
   """Approximate optimal transport plan between two point sets (the original ``ApproxMatch``).
 
@@ -95,9 +129,12 @@ def approx_match(xyz1: jax.Array, xyz2: jax.Array, *, impl: str = "ffi") -> jax.
     impl: "ffi" (custom call; O(n + m) memory besides the output) or "jnp" (dense baseline).
   Returns:
     match float32 [..., m, n] (a constant: gradients through it are zero).
+  Raises:
+    ValueError when that matrix alone would not fit in the default device's free memory.
   """
   _checks.check_impl(impl)
   _check_pair(xyz1, xyz2)
+  _check_match_fits(xyz1, xyz2)
   dtype = _checks.out_dtype(xyz1, xyz2)
   return _approx_match_f32(*_checks.to_f32(xyz1, xyz2), impl).astype(dtype)
 

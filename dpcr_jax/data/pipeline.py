@@ -8,7 +8,9 @@ single process would read with the same seed. With drop_remainder the last parti
 dropped, so batches never mix two epochs. The iterator is grain's DatasetIterator: get_state() is a small
 dict ({'next_index': k}) to store in a checkpoint, and set_state() resumes mid-epoch with identical batches.
 """
+import logging
 import os
+import threading
 
 import grain
 import ml_collections
@@ -16,6 +18,7 @@ import numpy as np
 
 from dpcr_jax.data import categories
 from dpcr_jax.data.attdpcr_h5 import AttDPCRH5Source
+from dpcr_jax.data.common import DataError
 from dpcr_jax.data.pix3d import Pix3DSource
 from dpcr_jax.data.psgn import PSGNSource
 from dpcr_jax.data.r2n2 import R2N2Source
@@ -60,7 +63,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.n_mid = 4096
   c.n_dense = 16384
   c.shuffle = True
-  c.categories = ml_collections.config_dict.placeholder(list)
+  c.categories = ml_collections.config_dict.placeholder(tuple)  # a tuple: settable from the command line
   c.skip_missing = False
   c.num_workers = 2
   c.prefetch = 2
@@ -103,24 +106,48 @@ def make_source(config, split: str):
 
 
 class _Examples:
-  """Drops keys the config did not ask for (model_id) so that batches are numeric by default."""
+  """Drops keys the config did not ask for (model_id) so that batches are numeric by default.
 
-  def __init__(self, source, with_model_id: bool):
-    self._source, self._with_model_id = source, with_model_id
+  With skip_missing, an example that fails to load while training (a file damaged or removed after the
+  source was opened) is replaced by the next loadable one in index order (deterministic, so a resumed run
+  sees the same batches), with one warning per bad example naming its file; at most MAX_CONSECUTIVE_BAD in a
+  row. Without skip_missing the DataError (which names the file) propagates.
+  """
+  MAX_CONSECUTIVE_BAD = 100
+
+  def __init__(self, source, with_model_id: bool, skip_missing: bool = False):
+    self._source, self._with_model_id, self._skip_missing = source, with_model_id, skip_missing
+    self._reported: set[int] = set()
+    self._lock = threading.Lock()
 
   def __len__(self):
     return len(self._source)
 
   def __getitem__(self, index):
-    ex = self._source[index]
-    if not self._with_model_id:
-      ex.pop("model_id", None)
-    return ex
+    errors = []
+    for attempt in range(min(len(self), self.MAX_CONSECUTIVE_BAD)):
+      i = (int(index) + attempt) % len(self)
+      try:
+        ex = self._source[i]
+      except (DataError, OSError) as e:
+        if not self._skip_missing:
+          raise
+        errors.append(e)
+        with self._lock:
+          if i not in self._reported:
+            self._reported.add(i)
+            logging.warning("skip_missing: example %d failed to load (%s); using the next loadable example "
+                            "(%d bad examples so far)", i, e, len(self._reported))
+        continue
+      if not self._with_model_id:
+        ex.pop("model_id", None)
+      return ex
+    raise DataError(f"{len(errors)} consecutive examples from {index} failed to load; the last: {errors[-1]}")
 
 
 def make_dataset(config, split: str) -> grain.MapDataset:
   """grain.MapDataset of example dicts (unshuffled, unsharded, unbatched)."""
-  return grain.MapDataset.source(_Examples(make_source(config, split), config.with_model_id))
+  return grain.MapDataset.source(_Examples(make_source(config, split), config.with_model_id, config.skip_missing))
 
 
 def _process_shard(shard_by_process: bool) -> tuple[int, int]:
