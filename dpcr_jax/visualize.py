@@ -15,12 +15,21 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dpcr_jax import viewpoints  # noqa: F401  (Camera in annotations)
+
 CREAM = (248, 242, 220)
 
 
 def render_points(points: np.ndarray, image_size: int = 256, radius: int = 2, color=CREAM,
-                  background=(255, 255, 255)) -> np.ndarray:
-  """Camera-frame points [N,3] -> uint8 RGB image [image_size, image_size, 3]."""
+                  background=(255, 255, 255), camera: "viewpoints.Camera | None" = None,
+                  rotation: np.ndarray | None = None) -> np.ndarray:
+  """Points [N,3] -> uint8 RGB image [image_size, image_size, 3].
+
+  With ``camera`` (a viewpoints.Camera of the square input image): a perspective picture from that camera,
+  pixel-aligned with the input image resized to image_size (points behind it or outside are dropped).
+  Otherwise orthographic, centred and scaled to fit: the points are taken as view-frame coordinates
+  (x right, y up, z towards the viewer) after ``rotation`` [3,3] (default: as given).
+  """
   points = np.asarray(points, np.float64)
   if points.ndim != 2 or points.shape[1] != 3:
     raise ValueError(f"points must be [N, 3], got {points.shape}")
@@ -29,30 +38,76 @@ def render_points(points: np.ndarray, image_size: int = 256, radius: int = 2, co
   points = points[np.all(np.isfinite(points), axis=1)]
   if not len(points):
     return image
+  if camera is not None:
+    rc, depth = camera.scaled(image_size).project(points)
+    front = (depth > 1e-9) & np.all(np.isfinite(rc), axis=1)
+    if not front.any():
+      return image
+    rc, depth = rc[front], depth[front]
+    # Sphere shading in pixel units: depth differences scaled by the pixels per unit at the mean depth.
+    z = -depth * (camera.scaled(image_size).focal / np.mean(depth))
+    _splat(image, rc[:, 0], rc[:, 1], z, radius, color)
+    return image
+  if rotation is not None:
+    points = points @ np.asarray(rotation, np.float64).T
   centred = points - points.mean(axis=0)
   scale = (image_size / 2.2) / max(np.sqrt((centred ** 2).sum(axis=1)).max(), 1e-12)
-  row = np.round(-centred[:, 1] * scale + image_size / 2).astype(np.int64)
-  col = np.round(centred[:, 0] * scale + image_size / 2).astype(np.int64)
-  z = centred[:, 2] * scale
+  _splat(image, -centred[:, 1] * scale + image_size / 2, centred[:, 0] * scale + image_size / 2,
+         centred[:, 2] * scale, radius, color)
+  return image
+
+
+def _splat(image: np.ndarray, row: np.ndarray, col: np.ndarray, z: np.ndarray, radius: int, color) -> None:
+  """Draws balls at float pixel positions row/col [N] into image [S,S,3] in place; larger z [N] (pixel
+  units) is nearer. Shading: hemisphere dz/r times the depth cue min(1, 0.3 + 0.7 (z - zmin)/(zmax - zmin))."""
+  size = image.shape[0]
+  row, col = np.round(row).astype(np.int64), np.round(col).astype(np.int64)
   z_span = max(z.max() - z.min(), 1e-12)
   depth_cue = np.minimum(1.0, 0.3 + 0.7 * (z - z.min()) / z_span)
-
   dy, dx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
   inside = dx ** 2 + dy ** 2 <= radius ** 2
   dy, dx = dy[inside], dx[inside]
   dz = np.sqrt(np.maximum(radius ** 2 - dx ** 2 - dy ** 2, 0.0))  # [K]
-  shade = (dz / radius)[None, :] * depth_cue[:, None]               # [N, K]
+  shade = (dz / max(radius, 1))[None, :] * depth_cue[:, None]       # [N, K]
+  if radius == 0:
+    shade = depth_cue[:, None]
   rr, cc = row[:, None] + dy[None, :], col[:, None] + dx[None, :]
   zz = z[:, None] + dz[None, :]
-  ok = (rr >= 0) & (rr < image_size) & (cc >= 0) & (cc < image_size)
-  pix, zz, shade = (rr * image_size + cc)[ok], zz[ok], shade[ok]
+  ok = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
+  pix, zz, shade = (rr * size + cc)[ok], zz[ok], shade[ok]
   # z-buffer: for every pixel keep the candidate with the largest z.
   order = np.lexsort((zz, pix))
   pix, shade = pix[order], shade[order]
   last = np.r_[pix[1:] != pix[:-1], True]
   flat = image.reshape(-1, 3)
   flat[pix[last]] = np.clip(shade[last, None] * np.asarray(color, np.float64)[None], 0, 255).astype(np.uint8)
-  return image
+
+
+def splat_mask(points: np.ndarray, camera: "viewpoints.Camera", radius: float = 1.0) -> np.ndarray:
+  """Silhouette of points [N,3] seen by ``camera``: bool [H,W], every pixel within ``radius`` px of a
+  projected point (the projection check: compare with the input image's object mask)."""
+  h, w = camera.size
+  rc, depth = camera.project(points)
+  rc = rc[(depth > 0) & np.all(np.isfinite(rc), axis=1)]
+  mask = np.zeros((h, w), bool)
+  r = int(np.ceil(radius))
+  for dy in range(-r, r + 1):
+    for dx in range(-r, r + 1):
+      if dy * dy + dx * dx <= radius * radius:
+        rr, cc = np.floor(rc[:, 0]).astype(np.int64) + dy, np.floor(rc[:, 1]).astype(np.int64) + dx
+        ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        mask[rr[ok], cc[ok]] = True
+  return mask
+
+
+def overlay_points(image: np.ndarray, points: np.ndarray, camera: "viewpoints.Camera", size: int,
+                   color=(255, 40, 40), alpha: float = 0.6) -> np.ndarray:
+  """The input image (float [H,W,3] in [0,1] or uint8) resized to ``size``, with the points projected by
+  ``camera`` drawn over it as 1-px dots -> uint8 [size,size,3]."""
+  tile = to_uint8_image(image, size).astype(np.float64)
+  mask = splat_mask(points, camera.scaled(size), radius=0.5)
+  tile[mask] = (1 - alpha) * tile[mask] + alpha * np.asarray(color, np.float64)
+  return tile.round().astype(np.uint8)
 
 
 def to_uint8_image(image: np.ndarray, size: int) -> np.ndarray:
