@@ -121,23 +121,110 @@ def to_uint8_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def qualitative_grid(rows: Sequence[Sequence[np.ndarray]], column_titles: Sequence[str], path: str,
-                     cell: int = 192, row_titles: Sequence[str] | None = None) -> None:
-  """Writes a PNG grid. Each row: [input image (float or uint8 HxWx3), cloud, cloud, ...] where clouds are
-  [N,3] camera-frame points (e.g. input | sparse | dense | ground truth)."""
-  header, margin = 20, 0 if row_titles is None else 90
-  canvas = Image.new("RGB", (margin + cell * len(column_titles), header + cell * len(rows)), "white")
-  draw = ImageDraw.Draw(canvas)
+                     cell: int = 192, row_titles: Sequence[str] | None = None,
+                     frame: "viewpoints.CloudFrame | None" = None,
+                     cameras: "Sequence[viewpoints.Camera | None] | None" = None,
+                     views: Sequence[str] = ("input",), overlay: int | None = None) -> None:
+  """Writes a PNG grid. Each row: [input image (float or uint8 HxWx3), cloud [N,3], cloud, ...] (e.g. input |
+  sparse | dense | ground truth), titled by ``column_titles`` (one per row item).
+
+  With ``frame`` (the run's viewpoints.CloudFrame), every cloud is drawn once per entry of ``views``:
+  'input' = from the row's camera in ``cameras`` (perspective, pixel-aligned with the input image; a row
+  without one falls back to the frame's front view and says so in the tile), 'front' / 'side' / 'top' =
+  the frame's fixed views (orthographic, fitted to the tile). ``overlay`` = index of a row item whose cloud
+  is also drawn over the input image with the row's camera (an 'on input' column after the input).
+  Without ``frame`` the clouds are taken as view-frame coordinates (x right, y up, z towards the viewer)
+  and drawn orthographically.
+  """
+  if frame is None and (overlay is not None or tuple(views) != ("input",)):
+    raise ValueError("views other than 'input' and overlay need the cloud frame (frame=...)")
+  cameras = list(cameras) if cameras is not None else [None] * len(rows)
+  if len(cameras) != len(rows):
+    raise ValueError(f"got {len(cameras)} cameras for {len(rows)} rows")
+  titles, plan = [], []  # plan: (kind, item index, view)
   for j, title in enumerate(column_titles):
+    if j == 0:
+      titles.append(title)
+      plan.append(("image", 0, None))
+      if overlay is not None:
+        titles.append(f"{column_titles[overlay]} on input")
+        plan.append(("overlay", overlay, None))
+      continue
+    for view in views:
+      titles.append(title if len(views) == 1 else f"{title}: {view}")
+      plan.append(("cloud", j, view))
+  header, margin = 20, 0 if row_titles is None else 90
+  canvas = Image.new("RGB", (margin + cell * len(titles), header + cell * len(rows)), "white")
+  draw = ImageDraw.Draw(canvas)
+  for j, title in enumerate(titles):
     draw.text((margin + j * cell + 4, 4), title, fill="black")
   for i, row in enumerate(rows):
     if row_titles is not None:
       draw.text((4, header + i * cell + cell // 2), row_titles[i], fill="black")
-    for j, item in enumerate(row):
-      item = np.asarray(item)
-      tile = (to_uint8_image(item, cell) if item.ndim == 3 else render_points(item, cell, radius=1))
-      canvas.paste(Image.fromarray(tile), (margin + j * cell, header + i * cell))
+    for j, (kind, k, view) in enumerate(plan):
+      note = ""
+      if kind == "image":
+        tile = to_uint8_image(np.asarray(row[0]), cell)
+      elif kind == "overlay":
+        if cameras[i] is None:
+          tile, note = to_uint8_image(np.asarray(row[0]), cell), "no input camera"
+        else:
+          tile = overlay_points(row[0], row[k], cameras[i], cell)
+      elif frame is None:
+        tile = render_points(row[k], cell, radius=1)
+      elif view == "input" and cameras[i] is not None:
+        tile = render_points(row[k], cell, radius=1, camera=cameras[i])
+      else:
+        if view == "input":
+          view, note = "front", "front view (no input camera)"
+        tile = render_points(row[k], cell, radius=1, rotation=frame.view_rotation(view))
+      x, y = margin + j * cell, header + i * cell
+      canvas.paste(Image.fromarray(tile), (x, y))
+      if note:
+        draw.text((x + 4, y + cell - 14), note, fill=(200, 0, 0))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   canvas.save(path)
+
+
+def example_pictures(examples: Sequence[dict], frame: "viewpoints.CloudFrame", image_size: int,
+                     path_prefix: str, names: Sequence[str] | None = None, cell: int = 160,
+                     title: str = "") -> dict[str, str]:
+  """The pictures of a set of examples, every cloud drawn from its input camera (see viewpoints).
+
+  Args:
+    examples: dicts with 'image' [S,S,3] (the model input), clouds under any of CLOUD_KEYS ('sparse',
+      'dense', 'ground truth'; [N,3] in the run's cloud frame), and what the frame needs for a per-example
+      camera (R2N2 canonical: 'model_id', 'view').
+    frame: the run's viewpoints.CloudFrame (viewpoints.cloud_frame(config.data)).
+    image_size: the model's input size.
+  Writes <prefix>.png (input | densest cloud on input | each cloud from the input camera),
+  <prefix>_views.png (each cloud from the frame's front / side / top) and <prefix>.html (interactive viewer,
+  dpcr_jax.viewer). Returns {'png', 'views_png', 'html'}.
+  """
+  from dpcr_jax import viewer  # pylint: disable=g-import-not-at-top
+  if not examples:
+    raise ValueError("no examples to draw")
+  keys = [k for k in CLOUD_KEYS if k in examples[0]]
+  if not keys:
+    raise ValueError(f"examples have none of the cloud keys {CLOUD_KEYS}")
+  rows = [[e["image"]] + [e[k] for k in keys] for e in examples]
+  cameras = [frame.input_camera(image_size, e) for e in examples]
+  overlay = 1 + keys.index("dense" if "dense" in keys else keys[-1])
+  paths = {"png": path_prefix + ".png", "views_png": path_prefix + "_views.png", "html": path_prefix + ".html"}
+  qualitative_grid(rows, ["input"] + keys, paths["png"], cell=cell, row_titles=names, frame=frame,
+                   cameras=cameras, overlay=overlay)
+  view_keys = [k for k in ("dense", "ground truth") if k in keys] or keys
+  qualitative_grid([[e["image"]] + [e[k] for k in view_keys] for e in examples], ["input"] + view_keys,
+                   paths["views_png"], cell=cell, row_titles=names, frame=frame, cameras=cameras,
+                   views=viewpoints.FIXED_VIEWS)
+  viewer.write_viewer(paths["html"], [
+      {"name": names[i] if names is not None else f"example {i}", "image": e["image"],
+       "clouds": {k: e[k] for k in keys}, "camera": cameras[i]} for i, e in enumerate(examples)],
+      frame, title=title)
+  return paths
+
+
+CLOUD_KEYS = ("sparse", "dense", "ground truth")
 
 
 def read_metrics(jsonl_path: str) -> list[dict]:
