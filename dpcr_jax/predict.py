@@ -21,7 +21,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from dpcr_jax import checkpointing, visualize
+from dpcr_jax import checkpointing, viewpoints, visualize
+
+MAX_PICTURES = 32  # images drawn in the pictures and the viewer of one prediction set
 
 
 def _run_dir(path: str) -> str:
@@ -57,6 +59,7 @@ class Predictor:
     if self.config.stage == "dense":
       raise ValueError("a dense-stage run predicts from points, not images; use a finetune (or sparse) run")
     self.image_size = self.config.model.image_size
+    self.run_dir = _run_dir(checkpoint)
     model = build_model(self.config.model, self.config.stage)
     variables = checkpointing.load_variables(os.path.join(_run_dir(checkpoint), "checkpoints"))
     self._apply = jax.jit(lambda images: model.apply(variables, {"image": images}, train=False))
@@ -120,12 +123,17 @@ def expand_paths(pattern_or_dir: str) -> list[str]:
 
 def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: str,
                   mask_paths: Sequence[str] | None = None, batch_size: int = 8) -> list[dict]:
-  """Predicts every image; writes <stem>.ply + <stem>.npy (the densest cloud) and <stem>.png (input |
-  clouds rendered from the input camera) into ``output_dir``. Returns [{'image', 'ply', 'npy', 'png'}]."""
+  """Predicts every image; writes <stem>.ply + <stem>.npy (the densest cloud) and <stem>.png (input | dense
+  on input | clouds drawn from the input camera of the run's data frame, dpcr_jax.viewpoints) into
+  ``output_dir``, and for the first MAX_PICTURES images together: pictures.png, pictures_views.png (front /
+  side / top) and viewer.html (interactive; visualize.example_pictures).
+  Returns [{'image', 'ply', 'npy', 'png'}]."""
   if mask_paths is not None and len(mask_paths) != len(image_paths):
     raise ValueError(f"got {len(mask_paths)} masks for {len(image_paths)} images")
   os.makedirs(output_dir, exist_ok=True)
-  written = []
+  written, shown = [], []
+  frame = viewpoints.cloud_frame(predictor.config.data)
+  camera = frame.input_camera(predictor.image_size)  # None for canonical-frame runs: fixed views instead
   for start in range(0, len(image_paths), batch_size):
     paths = list(image_paths[start:start + batch_size])
     masks = list(mask_paths[start:start + batch_size]) if mask_paths is not None else [None] * len(paths)
@@ -140,6 +148,12 @@ def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: 
       write_ply(stem + ".ply", cloud)
       np.save(stem + ".npy", cloud)
       columns = ["input"] + [k for k in ("sparse", "dense") if k in outputs]
-      visualize.qualitative_grid([[images[i]] + [outputs[k][i] for k in columns[1:]]], columns, stem + ".png")
+      visualize.qualitative_grid([[images[i]] + [outputs[k][i] for k in columns[1:]]], columns, stem + ".png",
+                                 frame=frame, cameras=[camera], overlay=len(columns) - 1)
+      shown.append({"image": images[i], **{k: outputs[k][i] for k in columns[1:]}})
       written.append({"image": path, "ply": stem + ".ply", "npy": stem + ".npy", "png": stem + ".png"})
+  visualize.example_pictures(shown[:MAX_PICTURES], frame, predictor.image_size,
+                             os.path.join(output_dir, "pictures"), title=f"predictions of {predictor.run_dir}",
+                             names=[os.path.basename(w["image"]) for w in written[:MAX_PICTURES]],
+                             html_path=os.path.join(output_dir, "viewer.html"))
   return written

@@ -24,6 +24,7 @@ import dataclasses
 import os
 from typing import Callable
 
+from absl import logging
 import numpy as np
 
 from dpcr_jax.data import camera as camera_lib
@@ -213,7 +214,8 @@ def r2n2_metadata_camera(root: str, lmnet_crop: bool = False):
 
 
 def cloud_frame(data_config) -> CloudFrame:
-  """The CloudFrame of a run's data (``config.data``: source, r2n2_frame, root, r2n2_lmnet_crop)."""
+  """The CloudFrame of a run's data (``config.data``: source, r2n2_frame, root, r2n2_lmnet_crop); an unknown
+  source gets a frame without an input camera (pictures then say so) and a warning."""
   source = data_config.source
   if source == "attdpcr_h5":
     return attdpcr_frame()
@@ -226,4 +228,7 @@ def cloud_frame(data_config) -> CloudFrame:
     return canonical_frame("r2n2 canonical frame", r2n2_metadata_camera(data_config.root, crop))
   if source == "pix3d":
     return canonical_frame("pix3d canonical frame")
-  raise ValueError(f"no frame convention for data.source {source!r}")
+  logging.warning("no frame convention for data.source %r: pictures use fixed views of a y-up frame", source)
+  return CloudFrame(f"unknown frame ({source})", "no frame convention for this data source: the input camera is "
+                    "unknown; clouds are shown as if y were up", np.array([0.0, 1, 0]), np.array([0.0, 0, -1]),
+                    lambda size, example: None)

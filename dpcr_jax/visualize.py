@@ -75,6 +75,8 @@ def _splat(image: np.ndarray, row: np.ndarray, col: np.ndarray, z: np.ndarray, r
   zz = z[:, None] + dz[None, :]
   ok = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
   pix, zz, shade = (rr * size + cc)[ok], zz[ok], shade[ok]
+  if not len(pix):  # every point off the image
+    return
   # z-buffer: for every pixel keep the candidate with the largest z.
   order = np.lexsort((zz, pix))
   pix, shade = pix[order], shade[order]
@@ -188,7 +190,7 @@ def qualitative_grid(rows: Sequence[Sequence[np.ndarray]], column_titles: Sequen
 
 def example_pictures(examples: Sequence[dict], frame: "viewpoints.CloudFrame", image_size: int,
                      path_prefix: str, names: Sequence[str] | None = None, cell: int = 160,
-                     title: str = "") -> dict[str, str]:
+                     title: str = "", html_path: str | None = None) -> dict[str, str]:
   """The pictures of a set of examples, every cloud drawn from its input camera (see viewpoints).
 
   Args:
@@ -198,8 +200,8 @@ def example_pictures(examples: Sequence[dict], frame: "viewpoints.CloudFrame", i
     frame: the run's viewpoints.CloudFrame (viewpoints.cloud_frame(config.data)).
     image_size: the model's input size.
   Writes <prefix>.png (input | densest cloud on input | each cloud from the input camera),
-  <prefix>_views.png (each cloud from the frame's front / side / top) and <prefix>.html (interactive viewer,
-  dpcr_jax.viewer). Returns {'png', 'views_png', 'html'}.
+  <prefix>_views.png (each cloud from the frame's front / side / top) and ``html_path`` (default
+  <prefix>.html; the interactive viewer, dpcr_jax.viewer). Returns {'png', 'views_png', 'html'}.
   """
   from dpcr_jax import viewer  # pylint: disable=g-import-not-at-top
   if not examples:
@@ -210,7 +212,7 @@ def example_pictures(examples: Sequence[dict], frame: "viewpoints.CloudFrame", i
   rows = [[e["image"]] + [e[k] for k in keys] for e in examples]
   cameras = [frame.input_camera(image_size, e) for e in examples]
   overlay = 1 + keys.index("dense" if "dense" in keys else keys[-1])
-  paths = {"png": path_prefix + ".png", "views_png": path_prefix + "_views.png", "html": path_prefix + ".html"}
+  paths = {"png": path_prefix + ".png", "views_png": path_prefix + "_views.png", "html": html_path or path_prefix + ".html"}
   qualitative_grid(rows, ["input"] + keys, paths["png"], cell=cell, row_titles=names, frame=frame,
                    cameras=cameras, overlay=overlay)
   view_keys = [k for k in ("dense", "ground truth") if k in keys] or keys
