@@ -22,13 +22,15 @@ CREAM = (248, 242, 220)
 
 def render_points(points: np.ndarray, image_size: int = 256, radius: int = 2, color=CREAM,
                   background=(255, 255, 255), camera: "viewpoints.Camera | None" = None,
-                  rotation: np.ndarray | None = None) -> np.ndarray:
+                  rotation: np.ndarray | None = None, fit_to: np.ndarray | None = None) -> np.ndarray:
   """Points [N,3] -> uint8 RGB image [image_size, image_size, 3].
 
   With ``camera`` (a viewpoints.Camera of the square input image): a perspective picture from that camera,
   pixel-aligned with the input image resized to image_size (points behind it or outside are dropped).
   Otherwise orthographic, centred and scaled to fit: the points are taken as view-frame coordinates
-  (x right, y up, z towards the viewer) after ``rotation`` [3,3] (default: as given).
+  (x right, y up, z towards the viewer) after ``rotation`` [3,3] (default: as given), framed by the mean and
+  extent of ``fit_to`` [M,3] (default: the points themselves; pass the ground truth to draw several clouds at
+  one scale).
   """
   points = np.asarray(points, np.float64)
   if points.ndim != 2 or points.shape[1] != 3:
@@ -48,10 +50,16 @@ def render_points(points: np.ndarray, image_size: int = 256, radius: int = 2, co
     z = -depth * (camera.scaled(image_size).focal / np.mean(depth))
     _splat(image, rc[:, 0], rc[:, 1], z, radius, color)
     return image
+  frame_points = points if fit_to is None else np.asarray(fit_to, np.float64).reshape(-1, 3)
+  frame_points = frame_points[np.all(np.isfinite(frame_points), axis=1)]
+  if not len(frame_points):
+    frame_points = points
   if rotation is not None:
     points = points @ np.asarray(rotation, np.float64).T
-  centred = points - points.mean(axis=0)
-  scale = (image_size / 2.2) / max(np.sqrt((centred ** 2).sum(axis=1)).max(), 1e-12)
+    frame_points = frame_points @ np.asarray(rotation, np.float64).T
+  mean = frame_points.mean(axis=0)
+  centred = points - mean
+  scale = (image_size / 2.2) / max(np.sqrt(((frame_points - mean) ** 2).sum(axis=1)).max(), 1e-12)
   _splat(image, -centred[:, 1] * scale + image_size / 2, centred[:, 0] * scale + image_size / 2,
          centred[:, 2] * scale, radius, color)
   return image
@@ -133,7 +141,8 @@ def qualitative_grid(rows: Sequence[Sequence[np.ndarray]], column_titles: Sequen
   With ``frame`` (the run's viewpoints.CloudFrame), every cloud is drawn once per entry of ``views``:
   'input' = from the row's camera in ``cameras`` (perspective, pixel-aligned with the input image; a row
   without one falls back to the frame's front view and says so in the tile), 'front' / 'side' / 'top' =
-  the frame's fixed views (orthographic, fitted to the tile). ``overlay`` = index of a row item whose cloud
+  the frame's fixed views (orthographic, framed by the row's last cloud, e.g. the ground truth, so that
+  the clouds of a row share one scale). ``overlay`` = index of a row item whose cloud
   is also drawn over the input image with the row's camera (an 'on input' column after the input).
   Without ``frame`` the clouds are taken as view-frame coordinates (x right, y up, z towards the viewer)
   and drawn orthographically.
@@ -179,7 +188,9 @@ def qualitative_grid(rows: Sequence[Sequence[np.ndarray]], column_titles: Sequen
       else:
         if view == "input":
           view, note = "front", "front view (no input camera)"
-        tile = render_points(row[k], cell, radius=1, rotation=frame.view_rotation(view))
+        tile = render_points(row[k], cell, radius=1, rotation=frame.view_rotation(view), fit_to=row[-1])
+      if kind == "cloud" and not note and (tile == 255).all():
+        note = "cloud outside this view"
       x, y = margin + j * cell, header + i * cell
       canvas.paste(Image.fromarray(tile), (x, y))
       if note:
@@ -287,3 +298,20 @@ def plot_training_curves(jsonl_path: str, path: str, keys: Sequence[str] = ("los
         draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colors[split])
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   canvas.save(path)
+
+
+def evaluation_pictures(examples: dict, run_dir: str, output_prefix: str, data_root: str | None = None,
+                        max_examples: int = 8) -> dict[str, str]:
+  """example_pictures() of evaluation.evaluate_predictions' 'examples' (the first batch: 'image' [B,S,S,3],
+  'gt', 'dense', optionally 'sparse') for the run in ``run_dir``: writes <prefix>_examples.png,
+  <prefix>_examples_views.png and <prefix>_viewer.html."""
+  from dpcr_jax import predict  # pylint: disable=g-import-not-at-top
+  config = predict.load_run_config(run_dir)
+  if data_root:
+    config.data.root = data_root
+  n = min(max_examples, len(examples["image"]))
+  rows = [{"image": examples["image"][i], "ground truth": examples["gt"][i],
+           **{k: examples[k][i] for k in ("sparse", "dense") if k in examples}} for i in range(n)]
+  return example_pictures(rows, viewpoints.cloud_frame(config.data), config.model.image_size,
+                          output_prefix + "_examples", title=f"evaluation examples of {run_dir}",
+                          html_path=output_prefix + "_viewer.html")
