@@ -1,9 +1,11 @@
-"""Pictures in numpy + PIL: point clouds as PNG, the qualitative grid, training curves.
+"""Pictures in numpy + PIL: point clouds as PNG, the qualitative grids, training curves.
 
-``render_points`` is the original's ball splatter (spec §8, utils/render_balls_so.cpp + get_rendering): an
-orthographic view from the input camera (camera-frame cloud, row = -Y, col = X, nearer = larger Z wins),
-centred on the mean, the farthest point at image_size/2.2 px, each point a disk of ``radius`` px shaded by
-its hemisphere (dz / r) times a depth cue min(1, 0.3 + 0.7 (z - zmin)/(zmax - zmin)).
+``render_points`` is the original's ball splatter (utils/render_balls_so.cpp + get_rendering): each point a
+disk of ``radius`` px shaded by its hemisphere (dz / r) times a depth cue min(1, 0.3 + 0.7 (z - zmin)/(zmax -
+zmin)), nearer wins. It draws either from a ``viewpoints.Camera`` (perspective, pixel-aligned with the input
+image) or orthographically (centred, the farthest point at image_size/2.2 px) from a view rotation.
+``example_pictures`` makes every picture of a set of examples (predict, the main job, evaluate): each cloud
+from its input camera, the frame's fixed front / side / top views, and the interactive viewer (viewer.py).
 """
 from __future__ import annotations
 
