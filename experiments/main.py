@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from configs import quickstart
-from dpcr_jax import evaluation, predict, train, viewpoints, visualize
+from dpcr_jax import baseline_cache, evaluation, predict, train, viewpoints, visualize
 from dpcr_jax.data import CATEGORIES, generate_synthetic, make_iterator
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output folder of the whole job.")
@@ -110,7 +110,7 @@ def main(argv):
   predictor = predict.Predictor(runs["finetune"])
   result = evaluation.evaluate_run(runs["finetune"], os.path.join(workdir, "results"),
                                    emd_examples_per_category=_EMD_PER_CATEGORY.value, exact_emd_clouds=16,
-                                   predictor=predictor)
+                                   predictor=predictor, medoid_cache_dir=baseline_cache.default_cache_dir())
   timings["evaluation"] = time.time() - start
   start = time.time()
   qualitative(predictor, config, workdir)
