@@ -146,3 +146,22 @@ def test_render_from_a_camera_copes_with_points_off_the_image_or_behind_it():
   for pts in (np.array([[5.0, 5.0, -0.8]]), np.array([[0.0, 0.0, 1.0]]), np.zeros((0, 3))):
     image = visualize.render_points(pts, 32, radius=1, camera=cam)
     assert (image == 255).all()
+
+
+def test_evaluation_pictures_of_the_first_batch(tmp_path):
+  """experiments.evaluate's pictures: the run's config picks the frame (here the AttentionDPCR camera)."""
+  import json  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps({"stage": "finetune", "model": {"image_size": 32},
+                                               "data": {"source": "attdpcr_h5", "root": str(tmp_path)}}))
+  _, examples = _examples(3)
+  batch = {"image": np.stack([e["image"] for e in examples]),
+           "gt": np.stack([e["clouds"]["ground truth"][:300] for e in examples]).astype(np.float32),
+           "dense": np.stack([e["clouds"]["dense"][:300] for e in examples])}
+  paths = visualize.evaluation_pictures(batch, str(run), str(tmp_path / "results"), max_examples=2)
+  data = viewer.read_viewer_data(paths["html"])
+  assert len(data["examples"]) == 2 and data["frame"] == viewpoints.attdpcr_frame().name
+  np.testing.assert_allclose(np.reshape(data["examples"][0]["input_rotation"], (3, 3)), np.eye(3))
+  np.testing.assert_array_equal(data["examples"][1]["clouds"]["ground truth"], batch["gt"][1])
+  assert os.path.getsize(paths["png"]) > 500 and os.path.getsize(paths["views_png"]) > 500
