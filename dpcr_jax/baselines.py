@@ -81,6 +81,13 @@ class MedoidBaselines:
                   for view, clouds in by_view.items()}
     self.num_clouds = sum(len(c) for c in groups.values())
 
+  @classmethod
+  def from_medoids(cls, blind: dict, oracle: dict, num_clouds: int) -> "MedoidBaselines":
+    """Rebuilds the baselines from stored medoids (view -> [N,3], (category, view) -> [N,3]; baseline_cache)."""
+    self = cls.__new__(cls)
+    self.blind, self.oracle, self.num_clouds = dict(blind), dict(oracle), int(num_clouds)
+    return self
+
   def predict(self, categories: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
     """[B] category and view -> {'medoid': [B,N,3], 'oracle_medoid': [B,N,3]}."""
     blind = np.stack([self.blind.get(int(v), next(iter(self.blind.values()))) for v in views])

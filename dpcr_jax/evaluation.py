@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpcr_jax import baseline_cache
 from dpcr_jax.baselines import MedoidBaselines
 from dpcr_jax.metrics import cloud_metrics, emd_approximation_error, protocol_emd
 from dpcr_jax.reports import aggregate, write_reports
@@ -125,7 +126,8 @@ def evaluate_predictions(predict_fn, batches: Iterable[dict], batch_size: int, c
 
 def evaluate_run(checkpoint: str, output_prefix: str, split: str = "test", data_root: str | None = None,
                  baselines: bool = True, emd_examples_per_category: int = -1, exact_emd_clouds: int = 16,
-                 max_batches: int = -1, medoid_max_per_group: int = 32, predictor=None) -> dict:
+                 max_batches: int = -1, medoid_max_per_group: int = 32, predictor=None,
+                 medoid_cache_dir: str = "") -> dict:
   """Evaluates a finetune (or sparse) run on ``split`` of its data and writes ``<output_prefix>.{csv,md}``.
 
   Args:
@@ -133,6 +135,8 @@ def evaluate_run(checkpoint: str, output_prefix: str, split: str = "test", data_
     data_root: overrides the run's config.data.root.
     baselines: also score the medoid baselines (built from the training split).
     predictor: a ``predict.Predictor`` of this run to reuse (its forward pass is already compiled).
+    medoid_cache_dir: folder caching the medoid baselines per dataset ('' = no cache; the scripts pass
+      baseline_cache.default_cache_dir()).
   Returns:
     evaluate_predictions()'s result plus 'paths' (csv, md).
   """
@@ -153,10 +157,9 @@ def evaluate_run(checkpoint: str, output_prefix: str, split: str = "test", data_
     return outputs
 
   medoids = None
-  if baselines:
-    medoids = MedoidBaselines(make_iterator(config.data, "train", batch_size, seed=config.seed, shuffle=True,
-                                            num_epochs=1, drop_remainder=False),
-                              max_per_group=medoid_max_per_group, impl=impl)
+  if baselines:  # computed once per dataset and settings, then read back (dpcr_jax/baseline_cache.py)
+    medoids = baseline_cache.medoid_baselines(config.data, batch_size, config.seed, medoid_max_per_group,
+                                              impl=impl, cache_dir=medoid_cache_dir)
   batches = make_iterator(config.data, split, batch_size, seed=0, shuffle=False, num_epochs=1,
                           drop_remainder=False)
   names = [name for _, name in CATEGORIES]
@@ -171,7 +174,7 @@ def evaluate_run(checkpoint: str, output_prefix: str, split: str = "test", data_
     notes.append(f"EMD computed on the first {emd_examples_per_category} examples of each category only.")
   if medoids is not None:
     notes.append(f"medoid / oracle_medoid: training-set medoids per view / per (category, view), from "
-                 f"{medoids.num_clouds} training clouds; they ignore the image.")
+                 f"{medoids.num_clouds} training clouds; they ignore the image (cache: {medoids.cache}).")
   if result["emd_check"]:
     c = result["emd_check"]
     notes.append(f"EMD approximation check on {c['num_clouds']} model predictions, random {c['num_points']}-point "

@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpcr_jax import checkpointing, cloud_io, images as images_lib, stages, visualize
+from dpcr_jax import checkpointing, cloud_io, images as images_lib, stages, viewpoints, visualize
 from dpcr_jax.images import load_image  # pylint: disable=unused-import  (part of this module's API)
+
+MAX_PICTURES = 32  # images drawn in the pictures and the viewer of one prediction set
 
 
 def _run_dir(path: str) -> str:
@@ -67,6 +69,7 @@ class Predictor:
       raise ValueError(f"a {stage.name}-stage run predicts from {stage.inputs}, not images; use a finetune "
                        "(or sparse) run")
     self.image_size = self.config.model.image_size
+    self.run_dir = _run_dir(checkpoint)
     model = stage.build_model(self.config)
     variables = checkpointing.load_variables(os.path.join(_run_dir(checkpoint), "checkpoints"))
     self._apply = jax.jit(lambda images: model.apply(variables, {"image": images}, train=False))
@@ -96,8 +99,11 @@ def expand_paths(pattern_or_dir: str) -> list[str]:
 
 def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: str,
                   mask_paths: Sequence[str] | None = None, batch_size: int = 8) -> list[dict]:
-  """Predicts every image; writes <name>.ply + <name>.npy (the densest cloud) and <name>.png (input |
-  clouds rendered from the input camera) into ``output_dir``; names are distinct (images.output_stems).
+  """Predicts every image; writes <name>.ply + <name>.npy (the densest cloud) and <name>.png (input | dense
+  on input | clouds drawn from the input camera of the run's data frame, dpcr_jax.viewpoints) into
+  ``output_dir``; names are distinct (images.output_stems). For the first MAX_PICTURES written images together
+  it also writes pictures.png, pictures_views.png (front / side / top) and viewer.html (interactive;
+  visualize.example_pictures).
 
   Returns one record per input, in order: {'image', 'ply', 'npy', 'png'} when written, {'image', 'error'}
   when the image (or its mask) could not be decoded or the prediction was not finite (nothing is written for
@@ -111,6 +117,9 @@ def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: 
   names = images_lib.output_stems(image_paths)
   masks = list(mask_paths) if mask_paths is not None else [None] * len(image_paths)
   records: list[dict | None] = [None] * len(image_paths)
+  shown, shown_names = [], []  # the written examples, for the pictures and the viewer
+  frame = viewpoints.cloud_frame(predictor.config.data)
+  camera = frame.input_camera(predictor.image_size)  # None for canonical-frame runs: fixed views instead
   loaded = []  # (input index, image) of the decodable inputs
   for k, path in enumerate(image_paths):
     try:
@@ -126,7 +135,7 @@ def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: 
     outputs = predictor(images)
     for i, k in enumerate(indices):
       path, stem = image_paths[k], os.path.join(output_dir, names[k])
-      bad = [k for k in ("sparse", "dense") if k in outputs and not np.isfinite(outputs[k][i]).all()]
+      bad = [c for c in ("sparse", "dense") if c in outputs and not np.isfinite(outputs[c][i]).all()]
       if bad:
         records[k] = {"image": path, "error": f"{path}: non-finite {' and '.join(bad)} prediction "
                                                   "(nothing written for it)"}
@@ -134,7 +143,14 @@ def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: 
       cloud = outputs["dense"][i] if "dense" in outputs else outputs["sparse"][i]
       cloud_io.write_ply(stem + ".ply", cloud)
       np.save(stem + ".npy", cloud)
-      columns = ["input"] + [k for k in ("sparse", "dense") if k in outputs]
-      visualize.qualitative_grid([[images[i]] + [outputs[k][i] for k in columns[1:]]], columns, stem + ".png")
+      columns = ["input"] + [c for c in ("sparse", "dense") if c in outputs]
+      visualize.qualitative_grid([[images[i]] + [outputs[c][i] for c in columns[1:]]], columns, stem + ".png",
+                                 frame=frame, cameras=[camera], overlay=len(columns) - 1)
+      shown.append({"image": images[i], **{c: outputs[c][i] for c in columns[1:]}})
+      shown_names.append(os.path.basename(path))
       records[k] = {"image": path, "ply": stem + ".ply", "npy": stem + ".npy", "png": stem + ".png"}
+  if shown:
+    visualize.example_pictures(shown[:MAX_PICTURES], frame, predictor.image_size,
+                               os.path.join(output_dir, "pictures"), title=f"predictions of {predictor.run_dir}",
+                               names=shown_names[:MAX_PICTURES], html_path=os.path.join(output_dir, "viewer.html"))
   return records

@@ -35,7 +35,7 @@ _IMPLS = flags.DEFINE_list("impls", ["ffi", "jnp"], "Point-op backends to compar
 _STAGE = flags.DEFINE_enum("stage", "finetune", ["sparse", "dense", "finetune"], "Training stage to time.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results as JSON here.")
 _MODEL_MODULE = flags.DEFINE_string(
-    "model_module", None, "Take build_model / compute_loss and the shapes IMAGE_SIZE, N_SPARSE, N_DENSE from this "
+    "model_module", None, "Take the stage table (stage(name)) and the shapes IMAGE_SIZE, N_SPARSE, N_DENSE from this "
     "module instead of dpcr_jax (experiments/gpu_check.py --cpu-smoke: tests/standins.py's tiny models).")
 
 

@@ -8,7 +8,7 @@ the per-(category, view) oracle medoid. See dpcr_jax/metrics.py for the exact pr
 from absl import app
 from absl import flags
 
-from dpcr_jax import evaluation, train
+from dpcr_jax import baseline_cache, evaluation, train, visualize
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory (workdir) of a finetune run.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output prefix: writes <output>.csv and <output>.md.")
@@ -19,6 +19,10 @@ _EMD_PER_CAT = flags.DEFINE_integer("emd_examples_per_category", -1,
                                     "Approximate EMD on the first k examples per category (-1: all).")
 _EXACT_EMD = flags.DEFINE_integer("exact_emd_clouds", 16, "Clouds for the exact-vs-approximate EMD check.")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", -1, "Evaluate at most this many batches (-1: all).")
+_MEDOID_CACHE = flags.DEFINE_string("medoid_cache_dir", baseline_cache.default_cache_dir(),
+                                    "Folder caching the medoid baselines per dataset ('' = recompute every time).")
+_PICTURES = flags.DEFINE_bool("pictures", True, "Also draw the first batch's examples from their input cameras: "
+                              "<output>_examples.png, <output>_examples_views.png, <output>_viewer.html.")
 flags.mark_flags_as_required(["checkpoint", "output"])
 
 
@@ -28,9 +32,13 @@ def main(argv):
   result = evaluation.evaluate_run(_CHECKPOINT.value, _OUTPUT.value, split=_SPLIT.value,
                                    data_root=_DATA_ROOT.value, baselines=_BASELINES.value,
                                    emd_examples_per_category=_EMD_PER_CAT.value,
-                                   exact_emd_clouds=_EXACT_EMD.value, max_batches=_MAX_BATCHES.value)
+                                   exact_emd_clouds=_EXACT_EMD.value, max_batches=_MAX_BATCHES.value,
+                                   medoid_cache_dir=_MEDOID_CACHE.value)
   with open(result["paths"][1]) as f:
     print(f.read())
+  if _PICTURES.value and result["examples"] is not None and result["examples"].get("image") is not None:
+    paths = visualize.evaluation_pictures(result["examples"], _CHECKPOINT.value, _OUTPUT.value, _DATA_ROOT.value)
+    print("Pictures: " + ", ".join(paths.values()))
 
 
 if __name__ == "__main__":

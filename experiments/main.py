@@ -5,7 +5,9 @@ r"""The main job: synthetic data -> sparse -> dense -> finetune (quickstart conf
 Writes under --workdir: data/ (the synthetic dataset, made once), sparse/, dense/, finetune/ (training runs:
 checkpoints, metrics.jsonl, tensorboard/, curves.png), results.{csv,md} (the paper's protocol, per category,
 against the image-blind and category-oracle medoids and the sparse points repeated), qualitative.png
-(input | sparse | dense | ground truth), ply/ (a few predicted and ground-truth clouds), timings.json.
+(input | dense on input | sparse | dense | ground truth, drawn from the input camera), qualitative_views.png
+(front / side / top), viewer.html (interactive, open in any browser), ply/ (a few predicted and ground-truth
+clouds), timings.json.
 Rerunning resumes finished or interrupted stages from their checkpoints.
 """
 import json
@@ -19,7 +21,7 @@ import jax
 import numpy as np
 
 from configs import quickstart
-from dpcr_jax import cloud_io, evaluation, predict, train, visualize
+from dpcr_jax import baseline_cache, cloud_io, evaluation, predict, train, viewpoints, visualize
 from dpcr_jax.data import CATEGORIES, make_iterator
 from dpcr_jax.synth import generate_synthetic
 
@@ -47,7 +49,8 @@ def make_data(root: str, data_config) -> float:
 
 
 def qualitative(predictor: predict.Predictor, config, out_dir: str, per_category: int = 1) -> None:
-  """qualitative.png (one test example per category) and PLY files of the predictions and ground truths."""
+  """qualitative.png (one test example per category, drawn from its input camera), qualitative_views.png
+  (front / side / top), viewer.html (interactive) and PLY files of the predictions and ground truths."""
   chosen = {}
   for batch in make_iterator(config.data, "test", config.eval_batch_size, seed=0, shuffle=False, num_epochs=1,
                              drop_remainder=False):
@@ -66,12 +69,14 @@ def qualitative(predictor: predict.Predictor, config, out_dir: str, per_category
     images = np.concatenate([images, np.repeat(images[-1:], bs - len(chunk), axis=0)])
     outputs = predictor(images)
     for i, e in enumerate(chunk):
-      rows.append([e["image"], outputs["sparse"][i], outputs["dense"][i], e["points_dense"]])
+      rows.append({"image": e["image"], "sparse": outputs["sparse"][i], "dense": outputs["dense"][i],
+                   "ground truth": e["points_dense"], **{k: e[k] for k in ("model_id", "view") if k in e}})
       name = names[start + i]
       cloud_io.write_ply(os.path.join(ply_dir, f"{name}_pred.ply"), outputs["dense"][i])
       cloud_io.write_ply(os.path.join(ply_dir, f"{name}_gt.ply"), e["points_dense"])
-  visualize.qualitative_grid(rows, ["input", "sparse", "dense", "ground truth"],
-                             os.path.join(out_dir, "qualitative.png"), cell=160, row_titles=names)
+  visualize.example_pictures(rows, viewpoints.cloud_frame(config.data), config.model.image_size,
+                             os.path.join(out_dir, "qualitative"), names=names, title="held-out examples",
+                             html_path=os.path.join(out_dir, "viewer.html"))
 
 
 def main(argv):
@@ -106,7 +111,7 @@ def main(argv):
   predictor = predict.Predictor(runs["finetune"])
   result = evaluation.evaluate_run(runs["finetune"], os.path.join(workdir, "results"),
                                    emd_examples_per_category=_EMD_PER_CATEGORY.value, exact_emd_clouds=16,
-                                   predictor=predictor)
+                                   predictor=predictor, medoid_cache_dir=baseline_cache.default_cache_dir())
   timings["evaluation"] = time.time() - start
   start = time.time()
   qualitative(predictor, config, workdir)
@@ -121,7 +126,8 @@ def main(argv):
   beaten = [c for c in tables["model"] if c != "mean" and tables["model"][c]["cd"] < tables["medoid"][c]["cd"]]
   print(f"Model CD below the image-blind medoid in {len(beaten)}/{len(tables['model']) - 1} categories.")
   print("Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-  print(f"Outputs in {workdir}: results.md/.csv, qualitative.png, ply/, */curves.png, */metrics.jsonl")
+  print(f"Outputs in {workdir}: results.md/.csv, qualitative.png, qualitative_views.png, viewer.html, ply/, "
+        "*/curves.png, */metrics.jsonl")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ background), depth uint16 [32,192,256] (0 = background), rotmat f32 [32,3,3], pt
 reeb uint16 [32,1024,4], then newline-separated model ids. The colour channels are BGR (OpenCV order) and
 are flipped to RGB here [inferred: red cars and brown wood only look right flipped, and the foreground
 means then give R > G > B]. Split: validation = batch 15, train = the rest.
-Points are de-quantised into PSGN's view-aligned frame (not the AttentionDPCR camera frame): evaluate
-after the per-cloud unit-cube normalisation. points_sparse / points_mid are FPS subsets computed on first
+Points are de-quantised into PSGN's view-aligned frame (not the AttentionDPCR camera frame: x points down
+and only the view's azimuth is applied; dpcr_jax/viewpoints.py has its camera): evaluate after the per-cloud
+unit-cube normalisation. points_sparse / points_mid are FPS subsets computed on first
 access of each file and cached in memory.
 """
 import collections
