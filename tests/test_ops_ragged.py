@@ -1,4 +1,4 @@
-"""Ragged batches (issue 11, item 2) for nn_distance and chamfer_distance: a padded batch with per-example
+"""Ragged batches (issue 11, item 2) for nn_distance, chamfer_distance and knn: a padded batch with per-example
 lengths gives the per-example results of the unpadded clouds, whatever the padding holds."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xla_ops import chamfer_distance, nn_distance
+from xla_ops import chamfer_distance, knn, nn_distance
 
 IMPLS = ("ffi", "jnp")
 LEN_A = np.array([40, 17, 1, 0], np.int32)
@@ -88,3 +88,32 @@ def test_chamfer_lengths_under_vmap_and_bad_lengths():
     chamfer_distance(a, b, lengths_a=LEN_A.astype(np.int64))
   with pytest.raises(ValueError, match=r"lengths_b must be int32 with the batch shape \(4,\)"):
     nn_distance(a, b, lengths_b=LEN_B[:2])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_knn_with_lengths_equals_unpadded(impl):
+  a, b = _padded(3)  # queries a (lengths LEN_A), refs b (lengths LEN_B); k = 10 > LEN_B[2] = 9
+  k = 10
+
+  def padded(q, r):
+    return knn(q, r, k, lengths_query=LEN_A, lengths_ref=LEN_B, impl=impl)
+
+  dist, idx = (np.asarray(x) for x in jax.jit(padded)(a, b))
+  gq, gr = (np.asarray(g) for g in jax.grad(lambda q, r: jnp.sum(padded(q, r)[0]), (0, 1))(a, b))
+  assert np.isfinite(gq).all() and np.isfinite(gr).all()
+  for i, (n, m) in enumerate(zip(LEN_A.tolist(), LEN_B.tolist())):
+    kk = min(k, m)
+    np.testing.assert_array_equal(idx[i, n:], -1)
+    np.testing.assert_array_equal(idx[i, :, kk:], -1)
+    np.testing.assert_array_equal(dist[i, n:], 0.0)
+    np.testing.assert_array_equal(dist[i, :, kk:], 0.0)
+    np.testing.assert_array_equal(gq[i, n:], 0.0)
+    np.testing.assert_array_equal(gr[i, m:], 0.0)
+    if not (n and m):
+      continue
+    want_d, want_i = knn(a[i, :n], b[i, :m], kk, impl=impl)
+    np.testing.assert_array_equal(idx[i, :n, :kk], np.asarray(want_i))
+    np.testing.assert_allclose(dist[i, :n, :kk], np.asarray(want_d), rtol=2.5e-7)
+    wq, wr = jax.grad(lambda q, r: jnp.sum(knn(q, r, kk, impl=impl)[0]), (0, 1))(a[i, :n], b[i, :m])
+    np.testing.assert_allclose(gq[i, :n], np.asarray(wq), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gr[i, :m], np.asarray(wr), rtol=1e-5, atol=1e-7)

@@ -198,7 +198,8 @@ def _differentiable_knn_dist_jvp(primals, tangents):
   return dist, 2 * jnp.sum(diff * diff_dot, axis=-1)
 
 
-def knn(query: jax.Array, ref: jax.Array, k: int, *, return_sorted: bool = True, impl: str = "ffi"):
+def knn(query: jax.Array, ref: jax.Array, k: int, *, return_sorted: bool = True,
+        lengths_query: jax.Array | None = None, lengths_ref: jax.Array | None = None, impl: str = "ffi"):
   """The k nearest points of ``ref`` to every point of ``query``.
 
   Args:
@@ -207,6 +208,9 @@ def knn(query: jax.Array, ref: jax.Array, k: int, *, return_sorted: bool = True,
     k: neighbours per query, 1 <= k <= N.
     return_sorted: accepted for PyTorch3D compatibility (``knn_points(..., return_sorted=False)``); the
       neighbours always come back sorted: both implementations produce them in order at no extra cost.
+    lengths_query, lengths_ref: optional int32 [...] real points per example (ragged batches, PyTorch3D's
+      ``lengths1/lengths2``): padded ref points are never neighbours; slots of padded queries, and slots
+      beyond an example's ref length (k > length), hold idx -1 and dist 0.
     impl: "ffi" (custom call) or "jnp" (lax.top_k on -distances, query chunks).
   Returns:
     (dist float32 [..., M, k] squared distances ascending (+inf for NaN ones), idx int32 [..., M, k]);
@@ -223,12 +227,32 @@ def knn(query: jax.Array, ref: jax.Array, k: int, *, return_sorted: bool = True,
                      f"ref shape {ref.shape}")
   _checks.check_positive_int(k, "k", upper=ref.shape[-2], upper_name="the number of ref points N")
   dtype = _checks.out_dtype(query, ref)
+  batch = tuple(query.shape[:-2])
+  valid_q = _checks.check_lengths(lengths_query, "lengths_query", batch, query.shape[-2])
+  valid_r = _checks.check_lengths(lengths_ref, "lengths_ref", batch, ref.shape[-2])
   query, ref = _checks.to_f32(query, ref)
-  sq, sr = jax.lax.stop_gradient(query), jax.lax.stop_gradient(ref)
+  if valid_q is None and valid_r is None:
+    dist, idx = _knn_indices(jax.lax.stop_gradient(query), jax.lax.stop_gradient(ref), k, impl)
+    return _differentiable_knn_dist(query, ref, idx, dist).astype(dtype), idx
+  # Ragged: padded ref points move to +inf for the search (ranked after every real point, NaN ones
+  # included, which rank as +inf with a lower index) and every padded value is zeroed for the distances.
+  valid_q = jnp.ones(query.shape[:-1], bool) if valid_q is None else valid_q
+  valid_r = jnp.ones(ref.shape[:-1], bool) if valid_r is None else valid_r
+  query = jnp.where(valid_q[..., None], query, 0.0)
+  ref = jnp.where(valid_r[..., None], ref, 0.0)
+  search_ref = jnp.where(valid_r[..., None], jax.lax.stop_gradient(ref), jnp.inf)
+  dist, idx = _knn_indices(jax.lax.stop_gradient(query), search_ref, k, impl)
+  n_ref = jnp.sum(valid_r, axis=-1)[..., None, None]
+  real = (jnp.arange(k) < n_ref) & valid_q[..., None]  # [..., M, k]
+  idx = jnp.where(real, idx, 0)
+  dist = _differentiable_knn_dist(query, ref, idx, jnp.where(real, dist, 0.0))
+  return jnp.where(real, dist, 0.0).astype(dtype), jnp.where(real, idx, -1)
+
+
+def _knn_indices(sq, sr, k, impl):
+  """(dist [..., M, k], idx [..., M, k]) of the kernel (or jnp) for constant float32 sq, sr."""
   if impl == "ffi":
-    dist, idx = batched_call("xla_ops_knn", (sq, sr), core_ndims=(2, 2),
-                             out_core=(((query.shape[-2], k), jnp.float32), ((query.shape[-2], k), jnp.int32)),
-                             k=np.int32(k))
-  else:
-    dist, idx = _jnp.map_queries(lambda q, p: _knn_one(q, p, k), sq, sr, _QUERY_CHUNK)
-  return _differentiable_knn_dist(query, ref, idx, dist).astype(dtype), idx
+    return batched_call("xla_ops_knn", (sq, sr), core_ndims=(2, 2),
+                        out_core=(((sq.shape[-2], k), jnp.float32), ((sq.shape[-2], k), jnp.int32)),
+                        k=np.int32(k))
+  return _jnp.map_queries(lambda q, p: _knn_one(q, p, k), sq, sr, _QUERY_CHUNK)

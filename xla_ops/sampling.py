@@ -5,7 +5,7 @@ The first pick is index 0; every point keeps its running minimum squared distanc
 prefix property: ``fps(P, 4096)[..., :1024] == fps(P, 1024)``. A picked point is never picked again,
 whatever its coordinates: its distance is retired to -1. Once every distinct point is picked (inputs with
 duplicates, npoint close to N) the remaining distances are 0 and the picks continue with the lowest unpicked
-indices, so the output always holds npoint distinct indices (PyTorch3D's sample_farthest_points does the same).
+indices, so the output always holds npoint distinct indices.
 
 Differences from the original GPU kernel: its tree reduction breaks ties by thread id, not strictly by the
 lowest index, and its running distance starts at 1e38 instead of +inf; the picks agree whenever there are
