@@ -1,6 +1,6 @@
 """The medoid baselines of a training set, computed once per dataset and reused (an .npz per fingerprint).
 
-The medoids (evaluation.MedoidBaselines) depend only on the training data and on how it is read, not on the
+The medoids (baselines.MedoidBaselines) depend only on the training data and on how it is read, not on the
 model, so every evaluation of a run on the same data would recompute the same thing. ``medoid_baselines``
 keys a cache file by a fingerprint of everything they depend on: the data config, the iterator's batch size,
 seed and process count, the medoid settings, and the data files themselves (path, size and mtime of every
@@ -63,7 +63,7 @@ def _save(path: str, medoids) -> None:
 
 
 def _load(path: str):
-  from dpcr_jax.evaluation import MedoidBaselines  # pylint: disable=g-import-not-at-top
+  from dpcr_jax.baselines import MedoidBaselines  # pylint: disable=g-import-not-at-top
   with np.load(path) as f:
     blind = {int(k.split("/")[1]): f[k] for k in f.files if k.startswith("blind/")}
     oracle = {(int(k.split("/")[1]), int(k.split("/")[2])): f[k] for k in f.files if k.startswith("oracle/")}
@@ -75,14 +75,14 @@ def _load(path: str):
 
 def medoid_baselines(data_config, batch_size: int, seed: int, max_per_group: int = 32, max_examples: int = 5000,
                      num_points: int = 512, impl: str = "ffi", cache_dir: str | None = None):
-  """evaluation.MedoidBaselines of the training split, from the cache when it holds them.
+  """baselines.MedoidBaselines of the training split, from the cache when it holds them.
 
   Args: as MedoidBaselines, plus the iterator's ``batch_size`` and ``seed``; ``cache_dir`` None =
   default_cache_dir(), '' = no cache. Returns the MedoidBaselines; its ``cache`` attribute says
   'hit <path>', 'stored <path>' or 'off'.
   """
   from dpcr_jax.data import make_iterator  # pylint: disable=g-import-not-at-top
-  from dpcr_jax.evaluation import MedoidBaselines  # pylint: disable=g-import-not-at-top
+  from dpcr_jax.baselines import MedoidBaselines  # pylint: disable=g-import-not-at-top
   cache_dir = default_cache_dir() if cache_dir is None else cache_dir
   settings = {"max_per_group": max_per_group, "max_examples": max_examples, "num_points": num_points,
               "impl": impl}

@@ -1,6 +1,7 @@
 """Pictures in numpy + PIL: point clouds as PNG, the qualitative grids, training curves.
 
-``render_points`` is the original's ball splatter (utils/render_balls_so.cpp + get_rendering): each point a
+``render_points`` is the original's ball splatter (docs/original.md §8, utils/render_balls_so.cpp +
+get_rendering): each point a
 disk of ``radius`` px shaded by its hemisphere (dz / r) times a depth cue min(1, 0.3 + 0.7 (z - zmin)/(zmax -
 zmin)), nearer wins. It draws either from a ``viewpoints.Camera`` (perspective, pixel-aligned with the input
 image) or orthographically (centred, the farthest point at image_size/2.2 px) from a view rotation.

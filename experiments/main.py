@@ -21,8 +21,9 @@ import jax
 import numpy as np
 
 from configs import quickstart
-from dpcr_jax import baseline_cache, evaluation, predict, train, viewpoints, visualize
-from dpcr_jax.data import CATEGORIES, generate_synthetic, make_iterator
+from dpcr_jax import baseline_cache, cloud_io, evaluation, predict, train, viewpoints, visualize
+from dpcr_jax.data import CATEGORIES, make_iterator
+from dpcr_jax.synth import generate_synthetic
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output folder of the whole job.")
 _MODELS_PER_CATEGORY = flags.DEFINE_integer("models_per_category", 20, "Synthetic models per category "
@@ -71,8 +72,8 @@ def qualitative(predictor: predict.Predictor, config, out_dir: str, per_category
       rows.append({"image": e["image"], "sparse": outputs["sparse"][i], "dense": outputs["dense"][i],
                    "ground truth": e["points_dense"], **{k: e[k] for k in ("model_id", "view") if k in e}})
       name = names[start + i]
-      predict.write_ply(os.path.join(ply_dir, f"{name}_pred.ply"), outputs["dense"][i])
-      predict.write_ply(os.path.join(ply_dir, f"{name}_gt.ply"), e["points_dense"])
+      cloud_io.write_ply(os.path.join(ply_dir, f"{name}_pred.ply"), outputs["dense"][i])
+      cloud_io.write_ply(os.path.join(ply_dir, f"{name}_gt.ply"), e["points_dense"])
   visualize.example_pictures(rows, viewpoints.cloud_frame(config.data), config.model.image_size,
                              os.path.join(out_dir, "qualitative"), names=names, title="held-out examples",
                              html_path=os.path.join(out_dir, "viewer.html"))
