@@ -5,16 +5,15 @@ import numpy as np
 import pytest
 
 from dpcr_jax import baseline_cache, evaluation
-from dpcr_jax.data import pipeline, render, synthetic
+from dpcr_jax.data import pipeline
+from dpcr_jax.synth import generate_synthetic
 
 
 @pytest.fixture(scope="module")
 def data_config(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("synth_medoids"))
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(synthetic, "_RENDERER", render.Renderer("numpy"))
-    synthetic.generate_synthetic(root, 5, seed=1, image_size=32, n_dense=256, n_mid=64, n_sparse=32, workers=1,
-                                 r2n2_views=0, categories=["chair", "lamp"], progress=False)
+  generate_synthetic(root, 5, seed=1, image_size=32, n_dense=256, n_mid=64, n_sparse=32, workers=1,
+                     r2n2_views=0, categories=["chair", "lamp"], progress=False, renderer="numpy")
   config = pipeline.default_data_config()
   config.source, config.root, config.image_size = "attdpcr_h5", root, 32
   config.n_dense, config.n_mid, config.n_sparse = 256, 64, 32

@@ -114,31 +114,31 @@ def test_input_camera_render_is_pixel_aligned_with_the_input():
   assert cols.mean() > 36 and rows.mean() < 30  # right of and above the centre, where x > 0 and y > 0 put it
 
 
-def test_predict_files_writes_pictures_and_viewer(tmp_path, monkeypatch):
+def test_predict_files_writes_pictures_and_viewer(tmp_path):
   """predict_files on a stand-in run: per-image PNG, the set's pictures and a viewer holding its clouds."""
   import standins  # pylint: disable=g-import-not-at-top
-  from dpcr_jax import predict, train  # pylint: disable=g-import-not-at-top
-  import dpcr_jax.models  # pylint: disable=g-import-not-at-top
-  standins.patch_training(monkeypatch.setattr)
-  monkeypatch.setattr(dpcr_jax.models, "build_model", standins.build_model)
+  from dpcr_jax import predict  # pylint: disable=g-import-not-at-top
   config = standins.tiny_config("finetune", str(tmp_path))
   config.num_train_steps, config.checkpoint_every = 2, 2
   run = str(tmp_path / "run")
-  train.train_and_evaluate(config, run)
+  standins.run_training(config, run)
   folder = tmp_path / "images"
   folder.mkdir()
   rng = np.random.default_rng(0)
   for name in ("a", "b", "c"):
     Image.fromarray(rng.integers(0, 255, size=(16, 12, 3), dtype=np.uint8)).save(folder / f"{name}.png")
   out = tmp_path / "out"
-  written = predict.predict_files(predict.Predictor(run), predict.expand_paths(str(folder)), str(out), batch_size=2)
+  predictor = predict.Predictor(run, stage=standins.stage("finetune"))
+  written = predict.predict_files(predictor, predict.expand_paths(str(folder)), str(out), batch_size=2)
   for name in ("pictures.png", "pictures_views.png", "viewer.html"):
     assert (out / name).stat().st_size > 500, name
+  input_camera = viewpoints.cloud_frame(config.data).input_camera(standins.IMAGE_SIZE)
   data = viewer.read_viewer_data(str(out / "viewer.html"))
   assert [e["name"] for e in data["examples"]] == ["a.png", "b.png", "c.png"]
   for ex, w in zip(data["examples"], written):
     np.testing.assert_array_equal(ex["clouds"]["dense"], np.load(w["npy"]))
-    assert ex["input_rotation"] is None  # the stand-in source has no frame convention: fixed views only
+    # tiny_config reads an AttentionDPCR-format source, whose clouds are in the input camera's frame
+    np.testing.assert_allclose(ex["input_rotation"], np.reshape(input_camera.rotation, -1))
 
 
 def test_render_from_a_camera_copes_with_points_off_the_image_or_behind_it():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dpcr_jax import viewpoints, visualize
-from dpcr_jax.data import pipeline, psgn, render, synthetic
+from dpcr_jax.data import pipeline, psgn
+from dpcr_jax.synth import generate_synthetic
 
 PSGN_ROOT = os.path.join(pipeline.SHARED_DATA, "psgn-shapenet")
 SIZE = 64
@@ -28,14 +29,11 @@ def _inside(points, camera, mask) -> float:
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-  """A tiny synthetic dataset, rendered with the numpy rasteriser (the renderers' test oracle): the generator
-  keeps one renderer per process, and its moderngl output was seen to change after other tests had made GL
-  contexts of their own in the same process (IoU 0.84 -> 0.44 here), which is not what this file tests."""
+  """A tiny synthetic dataset, rendered with the numpy rasteriser (the renderers' test oracle), so that
+  this file tests the cameras, not the GL renderer."""
   root = str(tmp_path_factory.mktemp("synth_views"))
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(synthetic, "_RENDERER", render.Renderer("numpy"))
-    synthetic.generate_synthetic(root, 2, seed=3, image_size=SIZE, n_dense=1024, n_mid=256, n_sparse=64,
-                                 workers=1, r2n2_views=2, categories=["chair", "airplane"], progress=False)
+  generate_synthetic(root, 2, seed=3, image_size=SIZE, n_dense=1024, n_mid=256, n_sparse=64,
+                     workers=1, r2n2_views=2, categories=["chair", "airplane"], progress=False, renderer="numpy")
   return root
 
 
