@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from dpcr_jax import viewpoints  # noqa: F401  (Camera in annotations)
 
 CREAM = (248, 242, 220)
+CLOUD_KEYS = ("sparse", "dense", "ground truth")  # example_pictures' clouds, in column order
 
 
 def render_points(points: np.ndarray, image_size: int = 256, radius: int = 2, color=CREAM,
@@ -238,9 +239,6 @@ def example_pictures(examples: Sequence[dict], frame: "viewpoints.CloudFrame", i
        "clouds": {k: e[k] for k in keys}, "camera": cameras[i]} for i, e in enumerate(examples)],
       frame, title=title)
   return paths
-
-
-CLOUD_KEYS = ("sparse", "dense", "ground truth")
 
 
 def read_metrics(jsonl_path: str) -> list[dict]:
