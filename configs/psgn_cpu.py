@@ -11,7 +11,7 @@ settings (128 px images, width x0.25, 256 -> 1024 -> 4096 points, kNN k 16, its 
 offset-regressing dense levels) on the 768 PSGN training samples; the 16384-point clouds are cut to FPS subsets
 of 4096 (dense GT), 1024 and 256 points, and evaluation (batch 15, 32 samples) is at 4096 points.
 configs/psgn_full.py has the paper's sizes (for a GPU). Ground truth is in each image's view frame, so the
-medoid baselines group all samples as one 'view' (-1). Run from the repository root (data.root is relative).
+medoid baselines group all samples as one 'view' (-1). data.root is ../shared/data/psgn-shapenet next to the checkout.
 """
 from configs import psgn_full, quickstart
 

@@ -3,13 +3,13 @@
   python -m experiments.train --config configs/quickstart.py:sparse --workdir runs/qs/sparse \
       --config.data.root=runs/qs/data
 
-Differences from the paper settings (configs/{sparse,dense,finetune}.py), all for short CPU runs:
+Differences from the paper settings (configs/paper.py), all for short CPU runs:
   - images 128 x 128 (paper 256), so the sparse decoder emits a 16 x 16 map = 256 points (paper 1024);
   - sparse network width x0.25 (channels /4);
   - point counts 256 -> 1024 -> 4096 (paper 1024 -> 4096 -> 16384), dense kNN k = 16 (paper 20);
   - Adam lr 1e-3 for the sparse and dense stages and 1e-4 for finetuning (paper 3e-5 throughout, which learns
     next to nothing in a few hundred steps); batch 8 (sparse) and 4 (dense, finetune);
-  - sparse BN momentum 0.9 with shuffled data (paper 0.5, a quirk of the original, spec §9.2);
+  - sparse BN momentum 0.9 with shuffled data (paper 0.5, a quirk of the original, docs/original.md, quirks);
   - dense.predict_offsets = True: each dense level regresses offsets from its input points (zero-initialised)
     instead of coordinates. A deviation from the original's architecture (same parameters): with direct
     regression the dense stage needs thousands of steps before its output is even as close to the ground
@@ -33,14 +33,11 @@ LEARNING_RATE = {"sparse": 1e-3, "dense": 1e-3, "finetune": 1e-4}
 
 def get_config(stage: str = "sparse"):
   config = default.base_config(stage)
-  config.model.image_size = 128
-  config.model.sparse_grid = 16
+  config.model.image_size = 128  # data.image_size and the point counts follow (configs/default.py)
   config.model.width = 0.25
   config.model.sparse_bn_momentum = 0.9
   config.model.dense.k = 16
   config.model.dense.predict_offsets = True
-  config.data.image_size = 128
-  config.data.n_sparse, config.data.n_mid, config.data.n_dense = 256, 1024, 4096
   config.learning_rate = LEARNING_RATE[stage]
   config.lr_schedule, config.lr_step_at, config.lr_final_fraction = "step", 0.9, 0.1
   config.batch_size = BATCH_SIZE[stage]

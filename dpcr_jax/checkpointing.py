@@ -125,7 +125,7 @@ def _shapes(tree: Any) -> dict[str, tuple]:
 def describe_mismatch(saved: dict[str, tuple], expected: dict[str, tuple], limit: int = 6) -> str:
   """'' when the two {name: shape} maps agree, else a short list of the differences."""
   lines = []
-  for name in sorted(set(saved) | set(expected)):
+  for name in sorted(set(saved) | set(expected), key=lambda n: (not n.startswith("variables/"), n)):
     if name not in expected:
       lines.append(f"{name}: {saved[name]} in the checkpoint, absent in the model")
     elif name not in saved:
@@ -390,9 +390,9 @@ def _check_same_structure(name: str, loaded: Any, expected: Any) -> None:
 def init_finetune_state(state: Any, sparse_checkpoint: str | None, dense_checkpoint: str | None) -> Any:
   """Puts the sparse and dense stage weights into a fresh finetune state's ``sparse`` / ``dense`` submodules.
 
-  Unlike the original, this happens only when the finetune run has no checkpoint of its own, so an
-  interrupted finetune resumes its own weights instead of restarting from random ones. Only params and
-  batch stats are loaded; Adam's moments start at zero (the original also restored the m/v slots).
+  Unlike the original (docs/original.md §3, §9 quirk 7), this happens only when the finetune run has no
+  checkpoint of its own, so an interrupted finetune resumes its own weights instead of restarting from random
+  ones. Only params and batch stats are loaded; Adam's moments start at zero (the original also restored the m/v slots).
   """
   params = dict(state.params)
   batch_stats = dict(state.batch_stats)

@@ -1,4 +1,4 @@
-"""Inference from a trained run: images in; PLY, NPY and PNG pictures out.
+"""Inference from a trained run: images in; PLY (dpcr_jax/cloud_io.py), NPY and PNG pictures out.
 
 A run's workdir holds ``config.json`` (written by train.py) and ``checkpoints/``; ``Predictor`` rebuilds the
 model from the former and restores params and batch stats (only) from the latter. A finetune run predicts
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpcr_jax import checkpointing, images as images_lib, visualize
+from dpcr_jax import checkpointing, cloud_io, images as images_lib, stages, visualize
 from dpcr_jax.images import load_image  # pylint: disable=unused-import  (part of this module's API)
 
 
@@ -35,12 +35,19 @@ def _run_dir(path: str) -> str:
 
 def load_run_config(path: str) -> ml_collections.ConfigDict:
   """A run's saved config; model fields added since the run was made take their defaults (the behaviour
-  such runs were trained with)."""
+  such runs were trained with), and fields that have moved are read from their old homes
+  (model.ops_impl -> ops_impl; model.sparse_grid, now derived from model.image_size, is dropped)."""
   from dpcr_jax.models import default_model_config  # pylint: disable=g-import-not-at-top
   with open(os.path.join(_run_dir(path), "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  saved_model = saved.get("model", {})
+  if "ops_impl" in saved_model:
+    saved.setdefault("ops_impl", saved_model.pop("ops_impl"))
+  saved_model.pop("sparse_grid", None)
+  saved.setdefault("ops_impl", "ffi")
+  config = ml_collections.ConfigDict(saved)
   model = default_model_config()
-  model.update(config.model.to_dict())
+  model.update(saved_model)
   config.model = model
   return config
 
@@ -50,15 +57,17 @@ class Predictor:
 
   Args:
     checkpoint: a run's workdir (or its checkpoints/ folder).
+    stage: the stage whose network the run trained (default: the stage table's entry for its config.stage).
   """
 
-  def __init__(self, checkpoint: str):
-    from dpcr_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  def __init__(self, checkpoint: str, stage: stages.Stage | None = None):
     self.config = load_run_config(checkpoint)
-    if self.config.stage == "dense":
-      raise ValueError("a dense-stage run predicts from points, not images; use a finetune (or sparse) run")
+    stage = stage or stages.get(self.config.stage)
+    if not stage.predicts_from_images:
+      raise ValueError(f"a {stage.name}-stage run predicts from {stage.inputs}, not images; use a finetune "
+                       "(or sparse) run")
     self.image_size = self.config.model.image_size
-    model = build_model(self.config.model, self.config.stage)
+    model = stage.build_model(self.config)
     variables = checkpointing.load_variables(os.path.join(_run_dir(checkpoint), "checkpoints"))
     self._apply = jax.jit(lambda images: model.apply(variables, {"image": images}, train=False))
 
@@ -71,23 +80,6 @@ class Predictor:
     return {k: np.asarray(v) for k, v in outputs.items() if k in ("sparse", "dense")}
 
 
-def write_ply(path: str, points: np.ndarray) -> None:
-  """Binary little-endian PLY with float x, y, z per vertex."""
-  points = np.asarray(points, "<f4")
-  header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(points)}\n"
-            "property float x\nproperty float y\nproperty float z\nend_header\n")
-  with open(path, "wb") as f:
-    f.write(header.encode("ascii"))
-    f.write(points.tobytes())
-
-
-def read_ply(path: str) -> np.ndarray:
-  """Reads what write_ply writes -> [N,3] float32."""
-  with open(path, "rb") as f:
-    data = f.read()
-  end = data.index(b"end_header\n") + len(b"end_header\n")
-  count = int([l for l in data[:end].decode().splitlines() if l.startswith("element vertex")][0].split()[-1])
-  return np.frombuffer(data[end:end + count * 12], "<f4").reshape(count, 3)
 
 
 def expand_paths(pattern_or_dir: str) -> list[str]:
@@ -134,13 +126,13 @@ def predict_files(predictor: Predictor, image_paths: Sequence[str], output_dir: 
     outputs = predictor(images)
     for i, k in enumerate(indices):
       path, stem = image_paths[k], os.path.join(output_dir, names[k])
-      bad = [k for k in ("sparse", "dense") if k in outputs and not np.isfinite(outputs[k][i]).all()]
+      bad = [key for key in ("sparse", "dense") if key in outputs and not np.isfinite(outputs[key][i]).all()]
       if bad:
         records[k] = {"image": path, "error": f"{path}: non-finite {' and '.join(bad)} prediction "
                                                   "(nothing written for it)"}
         continue
       cloud = outputs["dense"][i] if "dense" in outputs else outputs["sparse"][i]
-      write_ply(stem + ".ply", cloud)
+      cloud_io.write_ply(stem + ".ply", cloud)
       np.save(stem + ".npy", cloud)
       columns = ["input"] + [k for k in ("sparse", "dense") if k in outputs]
       visualize.qualitative_grid([[images[i]] + [outputs[k][i] for k in columns[1:]]], columns, stem + ".png")

@@ -1,17 +1,20 @@
 """One training library for the three stages (sparse, dense, finetune).
 
-``train_and_evaluate(config, workdir)`` builds the stage's model, loss and input pipeline, then runs pure
+``train_and_evaluate(config, workdir)`` takes the stage's model and loss from the stage table
+(dpcr_jax/stages.py) and its batches from the input pipeline (``make_inputs``), then runs pure
 jitted ``train_step`` / ``eval_step`` functions, data parallel over a ``Mesh`` with one ``'data'`` axis that
 spans every device (batch sharded ``P('data')``, parameters replicated, one XLA program per step).
 Checkpoints (dpcr_jax/checkpointing.py) are saved every ``config.checkpoint_every`` steps and the run resumes
 from the newest one in ``workdir``; a finetune run that has nothing to resume starts from the sparse and dense
-stage checkpoints named in ``config.init``.
+stage checkpoints named in ``config.init``. Tests and other drivers can pass their own ``stage`` (a
+``stages.Stage``) and ``inputs_fn`` (config -> ``Inputs``) instead: those are the loop's two seams.
 
 Outputs under ``workdir``: ``config.json``, ``metrics.jsonl`` (one JSON object per log/eval event),
 ``tensorboard/`` (event files), ``checkpoints/``, and ``curves.png`` at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging as std_logging
@@ -28,16 +31,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpcr_jax import checkpointing, nonfinite, workdir as workdir_lib
-
-STAGES = ("sparse", "dense", "finetune")
-LR_SCHEDULES = ("constant", "step", "cosine")
-# Batch keys each stage's model and loss read (the data pipeline may yield more; they are dropped).
-_STAGE_KEYS = {
-    "sparse": ("image", "points_dense", "category"),
-    "dense": ("points_sparse", "points_mid", "points_dense", "category"),
-    "finetune": ("image", "points_sparse", "points_mid", "points_dense", "category"),
-}
+from dpcr_jax import checkpointing
+from dpcr_jax import nonfinite
+from dpcr_jax import stages
+from dpcr_jax import workdir as workdir_lib
+from dpcr_jax.config_lib import validate_config
 
 
 class TrainState(struct.PyTreeNode):
@@ -50,57 +48,6 @@ class TrainState(struct.PyTreeNode):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Config validation (before anything is compiled).
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for a config that cannot run, before any data is read or anything compiled."""
-  if config.stage not in STAGES:
-    raise ValueError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
-  num_devices = jax.device_count()
-  for name in ("batch_size", "eval_batch_size"):
-    value = config.get(name)
-    if value is None:
-      continue
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f"config.{name} must be a positive int, got {value!r}")
-    if value % num_devices:
-      raise ValueError(f"config.{name}={value} must be divisible by the number of devices ({num_devices}); "
-                       f"use a multiple of {num_devices}")
-  if config.num_train_steps <= 0:
-    raise ValueError(f"config.num_train_steps must be > 0, got {config.num_train_steps}")
-  if config.learning_rate <= 0:
-    raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}")
-  if config.lr_schedule not in LR_SCHEDULES:
-    raise ValueError(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
-  if not 0 <= config.lr_final_fraction <= 1:
-    raise ValueError(f"config.lr_final_fraction must be in [0, 1], got {config.lr_final_fraction}")
-  if not 0 <= config.lr_warmup_steps < config.num_train_steps:
-    raise ValueError(f"config.lr_warmup_steps must be in [0, num_train_steps={config.num_train_steps}), "
-                     f"got {config.lr_warmup_steps}")
-  if config.lr_schedule == "step":
-    if not 0 < config.lr_step_at <= 1:
-      raise ValueError(f"config.lr_step_at must be in (0, 1], got {config.lr_step_at}")
-    if round(config.lr_step_at * config.num_train_steps) <= config.lr_warmup_steps:
-      raise ValueError(f"config.lr_step_at={config.lr_step_at} puts the step inside the warm-up "
-                       f"({config.lr_warmup_steps} steps)")
-  if config.nonfinite_policy not in nonfinite.POLICIES:
-    raise ValueError(f"config.nonfinite_policy must be one of {nonfinite.POLICIES}, got {config.nonfinite_policy!r}")
-  for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
-    if config[name] <= 0:
-      raise ValueError(f"config.{name} must be > 0, got {config[name]}")
-  root = config.data.get("root")
-  if not root or not os.path.exists(root):
-    raise ValueError(f"config.data.root={root!r} does not exist (source {config.data.get('source')!r}); "
-                     "point it at a dataset (experiments/main.py makes a synthetic one)")
-  if config.stage == "finetune":
-    for name in ("sparse_checkpoint", "dense_checkpoint"):
-      path = config.init.get(name)
-      if path and not os.path.isdir(path):
-        raise ValueError(f"config.init.{name}={path!r} is not a directory")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Mesh and batches.
 
 
@@ -110,9 +57,13 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
-def select_batch(batch: dict, stage: str) -> dict:
-  """Keeps the numeric arrays the stage reads (dicts from the pipeline may carry more)."""
-  return {k: np.asarray(batch[k]) for k in _STAGE_KEYS[stage] if k in batch}
+def select_batch(batch: dict, stage: stages.Stage) -> dict:
+  """The arrays the stage reads (``stage.batch_keys``; dicts from the pipeline may carry more)."""
+  missing = [k for k in stage.batch_keys if k not in batch]
+  if missing:
+    raise ValueError(f"the {stage.name} stage reads batch keys {missing}, which the input batches lack "
+                     f"(they have {sorted(batch)})")
+  return {k: np.asarray(batch[k]) for k in stage.batch_keys}
 
 
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
@@ -211,15 +162,6 @@ def jit_steps(model, tx, loss_fn, mesh):
   return train, evaluate
 
 
-def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
-  from dpcr_jax.losses import compute_loss  # pylint: disable=g-import-not-at-top
-  return functools.partial(_stage_loss, compute_loss, config.stage, config.loss, config.model.ops_impl)
-
-
-def _stage_loss(compute_loss, stage, loss_config, ops_impl, outputs, batch, params):
-  return compute_loss(stage, outputs, batch, params, loss_config, ops_impl)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Logging.
 
@@ -279,24 +221,32 @@ def _mean_metrics(metrics_list: list[dict]) -> dict:
 # The loop.
 
 
-def _make_iterators(config: ml_collections.ConfigDict, local_batch: int):
+@dataclasses.dataclass
+class Inputs:
+  """What the training loop reads.
+
+  Attributes:
+    train: endless iterator of this process's rows of each global training batch (numpy dicts); with
+      get_state() / set_state() (grain's) its position is checkpointed and restored.
+    eval: () -> a fresh finite iterator over the eval split, global batch config.eval_batch_size.
+  """
+  train: Iterator[dict]
+  eval: Callable[[], Iterator[dict]]
+
+
+def make_inputs(config: ml_collections.ConfigDict) -> Inputs:
+  """The grain pipeline of config.data: training batches of config.batch_size shuffled per epoch when
+  config.data.shuffle, the same order on every process, each process reading its own rows (docs/data.md)."""
   from dpcr_jax.data import make_iterator  # pylint: disable=g-import-not-at-top
-  # Every process shuffles with its own seed, so processes draw different batches (not a disjoint split).
-  train_iter = make_iterator(config.data, "train", local_batch, seed=config.seed + jax.process_index(),
-                             shuffle=config.shuffle)
+  train_iter = make_iterator(config.data, "train", config.batch_size, seed=config.seed)
 
-  def eval_iter_fn():
-    return make_iterator(config.data, config.eval_split, local_batch, seed=config.seed, shuffle=False,
+  def eval_iter():
+    return make_iterator(config.data, config.eval_split, config.eval_batch_size, seed=config.seed, shuffle=False,
                          num_epochs=1)
-  return train_iter, eval_iter_fn
+  return Inputs(train=train_iter, eval=eval_iter)
 
 
-def _build_model(config: ml_collections.ConfigDict):
-  from dpcr_jax.models import build_model  # pylint: disable=g-import-not-at-top
-  return build_model(config.model, config.stage)
-
-
-def evaluate_loss(eval_fn, state: TrainState, batches: Iterator[dict], stage: str, mesh,
+def evaluate_loss(eval_fn, state: TrainState, batches: Iterator[dict], stage: stages.Stage, mesh,
                   max_batches: int) -> dict:
   """Mean stage metrics over up to ``max_batches`` batches (all when < 0)."""
   results = []
@@ -305,7 +255,7 @@ def evaluate_loss(eval_fn, state: TrainState, batches: Iterator[dict], stage: st
       break
     results.append(eval_fn(state, shard_batch(select_batch(batch, stage), mesh)))
   if not results:
-    raise ValueError("the evaluation split gave no full batch; lower config.batch_size or add data")
+    raise ValueError("the evaluation split gave no full batch; lower config.eval_batch_size or add data")
   return _mean_metrics(results)
 
 
@@ -321,29 +271,42 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage: stages.Stage | None = None,
+                       inputs_fn: Callable[[ml_collections.ConfigDict], Inputs] | None = None,
+                       restart: bool = False) -> TrainState:
   """Trains ``config.stage`` in ``workdir`` (resuming if it holds checkpoints); returns the final state.
 
   The workdir is locked for the run, and a config that differs from the run saved there in what is trained
-  is refused (dpcr_jax/workdir.py); ``restart=True`` moves that run aside and starts from step 0 instead.
+  is refused (dpcr_jax/workdir.py, docs/guarantees.md).
+
+  Args:
+    stage: the model and loss (default: ``stages.get(config.stage)``).
+    inputs_fn: config -> the batches (default: ``make_inputs``); called after jax.distributed is up and the
+      config validated, so it may ask for jax.process_index().
+    restart: move a run already in ``workdir`` to ``previous_runs/`` and start from step 0, instead of
+      refusing a config that differs from it.
   """
   maybe_initialize_distributed(config)  # first: jax.distributed must start before any backend (device_count)
   validate_config(config)
+  stage = stage or stages.get(config.stage)
+  if stage.name != config.stage:
+    raise ValueError(f"the stage passed ({stage.name!r}) is not config.stage ({config.stage!r})")
   with workdir_lib.open_run(config, workdir, restart):
-    return _train(config, workdir)
+    return _train(config, workdir, stage, inputs_fn)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def _train(config: ml_collections.ConfigDict, workdir: str, stage: stages.Stage,
+           inputs_fn: Callable[[ml_collections.ConfigDict], Inputs] | None) -> TrainState:
   mesh = make_mesh()
-  local_batch = config.batch_size // jax.process_count()
-  model = _build_model(config)
+  model = stage.build_model(config)
   tx = make_optimizer(config)
-  loss_fn = make_loss_fn(config)
-  train_iter, eval_iter_fn = _make_iterators(config, local_batch)
+  loss_fn = stage.make_loss_fn(config)
+  inputs = (inputs_fn or make_inputs)(config)
+  train_iter = inputs.train
 
   # Parameters are initialised from the shapes of one batch; the iterator is rewound afterwards.
   iter_state = train_iter.get_state()
-  example = select_batch(next(train_iter), config.stage)
+  example = select_batch(next(train_iter), stage)
   train_iter.set_state(iter_state)
   state = create_train_state(model, tx, jax.tree.map(jnp.asarray, example), config.seed)
   state = replicate(state, mesh)
@@ -354,7 +317,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     state, data_state = resumed
     if data_state:
       train_iter.set_state(data_state)
-  elif config.stage == "finetune" and (config.init.sparse_checkpoint or config.init.dense_checkpoint):
+  elif stage.name == "finetune" and (config.init.sparse_checkpoint or config.init.dense_checkpoint):
     state = replicate(checkpointing.init_finetune_state(state, config.init.sparse_checkpoint,
                                                          config.init.dense_checkpoint), mesh)
   workdir_lib.record_config(config, workdir)  # only now: a refused restore leaves the old config.json
@@ -370,7 +333,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   step = start_step
   try:
     while step < config.num_train_steps:
-      batch = shard_batch(select_batch(next(train_iter), config.stage), mesh)
+      batch = shard_batch(select_batch(next(train_iter), stage), mesh)
       state, metrics = train_fn(state, batch)
       step += 1
       pending.append((step, guard.observe(step, metrics)))  # raises on a non-finite step (policy 'stop')
@@ -391,7 +354,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                      _format_duration(eta))
         pending, period_start, period_step = [], time.time(), step
       if config.eval_every > 0 and (step % config.eval_every == 0 or step == config.num_train_steps):
-        eval_scalars = evaluate_loss(eval_fn, state, eval_iter_fn(), config.stage, mesh, config.eval_batches)
+        eval_scalars = evaluate_loss(eval_fn, state, inputs.eval(), stage, mesh, config.eval_batches)
         writer.write(step, "eval", eval_scalars)
         logging.info("[%s] eval at step %d: %s", config.stage, step,
                      ", ".join(f"{k} {v:.5g}" for k, v in sorted(eval_scalars.items())))

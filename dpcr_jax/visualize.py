@@ -1,6 +1,6 @@
 """Pictures in numpy + PIL: point clouds as PNG, the qualitative grid, training curves.
 
-``render_points`` is the original's ball splatter (spec §8, utils/render_balls_so.cpp + get_rendering): an
+``render_points`` is the original's ball splatter (docs/original.md §8, utils/render_balls_so.cpp + get_rendering): an
 orthographic view from the input camera (camera-frame cloud, row = -Y, col = X, nearer = larger Z wins),
 centred on the mean, the farthest point at image_size/2.2 px, each point a disk of ``radius`` px shaded by
 its hemisphere (dz / r) times a depth cue min(1, 0.3 + 0.7 (z - zmin)/(zmax - zmin)).

@@ -13,8 +13,14 @@ ratios between implementations come from the same minutes of a shared, noisy mac
   that use a spatial index (nn_distance, knn and ball query via trees) the count is the brute-force one,
   so a ratio below 1 means faster than any brute-force evaluation could be.
 
+On a GPU (``--gpu``) the cases run at the paper's sizes (``Case.gpu``) with the jax implementations only
+(ffi vs jnp on the same GPU); memory is XLA's own accounting of the compiled program (arguments + outputs +
+temporaries from ``compiled.memory_analysis()``; the custom calls' workspaces are outputs, so they count),
+and the arithmetic limit is the GPU's fp32 rate (SMs x fp32 lanes x 2 x max SM clock).
+
   python -m experiments.bench_ops            # full sizes; prints the table, writes docs/benchmarks.md
   python -m experiments.bench_ops --quick    # small sizes (smoke test); writes a file only with --out
+  python -m experiments.bench_ops --gpu --out=DIR/bench_ops.md --json=DIR/bench_ops.json   # experiments/gpu_check.py
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ _OUT = flags.DEFINE_string("out", None, "Markdown output (default docs/benchmark
 _CASES = flags.DEFINE_list("cases", None, "Only these cases (names as in the table's first column).")
 _ISOLATE = flags.DEFINE_bool("isolate", None, "One subprocess per case (default: on, off with --quick).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: measure one case in this process, print JSON.")
+_GPU = flags.DEFINE_bool("gpu", False, "Paper sizes on the default (GPU) device, ffi vs jnp only (see the docstring).")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows and target verdicts as JSON here.")
 
 FLOPS_PER_CYCLE_AVX2 = 32  # per core: 2 FMA pipes x 8 fp32 lanes x 2 flops
 FLOPS_PER_CYCLE_AVX512 = 64  # per core: 2 FMA pipes x 16 fp32 lanes x 2 flops
@@ -61,6 +69,7 @@ class Case:
   flops: Callable[[dict], float]  # per run
   flop_note: str
   impls: tuple[Impl, ...]
+  gpu: dict | None = None  # the paper's sizes, run with --gpu (None: not a GPU case)
 
 
 def _rng():
@@ -75,10 +84,20 @@ def _clouds(s: dict, *shapes):
 
 
 def _jax_runner(fn, *args):
-  """AOT-compiles ``fn`` for ``args``; returns a blocking no-argument runner."""
+  """AOT-compiles ``fn`` for ``args`` (placed on the default device); returns a blocking no-argument runner
+  whose ``xla_bytes`` is XLA's memory accounting of the program (arguments + outputs + temporaries)."""
   import jax
+  args = [jax.device_put(a) for a in args]
   compiled = jax.jit(fn).lower(*args).compile()
-  return lambda: jax.block_until_ready(compiled(*args))
+
+  def run():
+    return jax.block_until_ready(compiled(*args))
+  try:
+    mem = compiled.memory_analysis()
+    run.xla_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    run.xla_bytes = None
+  return run
 
 
 def _xla_op(name):
@@ -194,33 +213,38 @@ CASES = (
     Case("nn_distance", dict(B=4, N=16384, M=16384), dict(B=2, N=512, M=512), _bnm,
          lambda s: 2 * s["B"] * s["N"] * s["M"] * 8, "2 directions x B*N*M pairs x 8 (3 sub, 3 mul, 2 add)",
          (Impl("ffi", _nn("ffi"), "xla_ops.nn_distance"), Impl("jnp (chunked)", _nn("jnp"), "xla_ops.nn_distance"),
-          Impl("scipy cKDTree", _nn_ckdtree, "scipy.spatial"))),
+          Impl("scipy cKDTree", _nn_ckdtree, "scipy.spatial")), gpu=dict(B=32, N=16384, M=16384)),
     Case("chamfer_distance value+grad", dict(B=4, N=16384, M=16384), dict(B=2, N=512, M=512), _bnm,
          lambda s: 2 * s["B"] * s["N"] * s["M"] * 8, "as nn_distance (the gradient is O(B*(N+M)))",
          (Impl("ffi", _chamfer_grad("ffi"), "xla_ops.chamfer_distance"),
-          Impl("jnp (chunked)", _chamfer_grad("jnp"), "xla_ops.chamfer_distance"))),
+          Impl("jnp (chunked)", _chamfer_grad("jnp"), "xla_ops.chamfer_distance")), gpu=dict(B=32, N=16384, M=16384)),
     Case("farthest_point_sample", dict(B=8, N=16384, npoint=4096), dict(B=2, N=1024, npoint=128),
          lambda s: f"B={s['B']} N={s['N']} npoint={s['npoint']}",
          lambda s: s["B"] * s["npoint"] * s["N"] * 10, "B*npoint*N x 10 (distance 8, min 1, argmax 1)",
          (Impl("ffi", _fps("ffi"), "xla_ops.farthest_point_sample"),
           Impl("jnp (fori_loop)", _fps("jnp"), "xla_ops.farthest_point_sample"),
-          Impl("fpsample.fps_sampling", _fps_fpsample, "fpsample"))),
+          Impl("fpsample.fps_sampling", _fps_fpsample, "fpsample")), gpu=dict(B=32, N=16384, npoint=4096)),
     Case("knn", dict(B=4, N=4096, C=64, k=20), dict(B=2, N=256, C=16, k=8),
          lambda s: f"B={s['B']} N=M={s['N']} C={s['C']} k={s['k']}",
          lambda s: s["B"] * s["N"] * s["N"] * 3 * s["C"], "B*N*N pairs x 3C (sub, mul, add per channel)",
          (Impl("ffi", _knn("ffi"), "xla_ops.knn"), Impl("jnp (top_k)", _knn("jnp"), "xla_ops.knn"),
-          Impl("scipy cKDTree", _knn_ckdtree, "scipy.spatial"))),
+          Impl("scipy cKDTree", _knn_ckdtree, "scipy.spatial")), gpu=dict(B=32, N=4096, C=64, k=20)),
     Case("ball_query", dict(B=8, N=16384, M=1024, radius=0.1, nsample=32),
          dict(B=2, N=1024, M=128, radius=0.2, nsample=16),
          lambda s: f"B={s['B']} N={s['N']} M={s['M']} r={s['radius']} nsample={s['nsample']}",
          lambda s: s["B"] * s["M"] * s["N"] * 8, "B*M*N pairs x 8 (full scan; the op may stop early)",
          (Impl("ffi", _ball("ffi"), "xla_ops.ball_query"), Impl("jnp", _ball("jnp"), "xla_ops.ball_query"),
-          Impl("scipy cKDTree (all hits)", _ball_ckdtree, "scipy.spatial"))),
+          Impl("scipy cKDTree (all hits)", _ball_ckdtree, "scipy.spatial")),
+         gpu=dict(B=32, N=16384, M=1024, radius=0.1, nsample=32)),
     Case("approx_match+match_cost", dict(B=8, N=1024, M=1024), dict(B=2, N=128, M=128), _bnm,
          lambda s: s["B"] * s["N"] * s["M"] * (8 + 10 * 20 + 12),
          "B*N*M x (8 distance + 10 rounds x ~20 (exp ~12, 3 weighted sums) + 12 cost)",
          (Impl("ffi", _emd("ffi"), "xla_ops.approx_match"), Impl("jnp", _emd("jnp"), "xla_ops.approx_match"),
-          Impl("POT ot.emd2 (exact EMD)", _emd_pot, "ot"))),
+          Impl("POT ot.emd2 (exact EMD)", _emd_pot, "ot")), gpu=dict(B=32, N=1024, M=1024)),
+    Case("approx_match+match_cost 16k", None, dict(B=1, N=256, M=256), _bnm,
+         lambda s: s["B"] * s["N"] * s["M"] * (8 + 10 * 20 + 12), "as approx_match+match_cost",
+         (Impl("ffi", _emd("ffi"), "xla_ops.approx_match"), Impl("jnp", _emd("jnp"), "xla_ops.approx_match")),
+         gpu=dict(B=4, N=16384, M=16384)),
 )
 EXTRA = {("approx_match+match_cost", "POT ot.emd2 (exact EMD)"): _emd_error}
 TARGETS = {  # case -> (other implementation, minimum speed-up of ffi over it)
@@ -230,7 +254,75 @@ TARGETS = {  # case -> (other implementation, minimum speed-up of ffi over it)
     "knn": [("jnp (top_k)", 4.0)],
     "approx_match+match_cost": [("jnp", 10.0)],
 }
+GPU_POINTER = ("GPU: the same ops at the paper's sizes on one GPU, ffi vs jnp, are measured by "
+               "`python -m experiments.gpu_check` (`bench_ops --gpu`); results and status in docs/gpu.md.")
+GPU_TARGETS = {  # the same on one GPU (issue 10), ffi vs jnp measured in the same run
+    "nn_distance": [("jnp (chunked)", 10.0)],
+    "chamfer_distance value+grad": [("jnp (chunked)", 10.0)],
+    "farthest_point_sample": [("jnp (fori_loop)", 10.0)],
+    "knn": [("jnp (top_k)", 3.0)],
+    "approx_match+match_cost": [("jnp", 5.0)],
+    "approx_match+match_cost 16k": [("jnp", 5.0)],
+}
 
+
+
+# ---- half precision (issue 11, item 3): bfloat16 inputs vs float32 inputs, both through the custom calls --
+def _half_chamfer_grad(dtype):
+  def setup(s):
+    import jax
+    import jax.numpy as jnp
+    a, b = (jnp.asarray(x, jnp.dtype(dtype)) for x in _clouds(s, ("B", "N", 3), ("B", "M", 3)))
+    loss = lambda a, b: _xla_op("chamfer_distance")(a, b).astype("float32")
+    return _jax_runner(jax.value_and_grad(loss, argnums=(0, 1)), a, b)
+  return setup
+
+
+def _half_knn(dtype):
+  def setup(s):
+    import jax.numpy as jnp
+    (x,) = (jnp.asarray(x, jnp.dtype(dtype)) for x in _clouds(s, ("B", "N", "C")))
+    return _jax_runner(lambda x: _xla_op("knn")(x, x, s["k"]), x)
+  return setup
+
+
+HALF_CASES = (
+    Case("chamfer_distance value+grad bf16", dict(B=4, N=16384, M=16384), dict(B=2, N=512, M=512), _bnm,
+         lambda s: 2 * s["B"] * s["N"] * s["M"] * 8, "as nn_distance (computed in float32 inside)",
+         (Impl("ffi", _half_chamfer_grad("bfloat16"), "xla_ops.chamfer_distance"),
+          Impl("ffi float32 inputs", _half_chamfer_grad("float32"), "xla_ops.chamfer_distance"))),
+    Case("knn bf16", dict(B=4, N=4096, C=64, k=20), dict(B=2, N=256, C=16, k=8),
+         lambda s: f"B={s['B']} N=M={s['N']} C={s['C']} k={s['k']}",
+         lambda s: s["B"] * s["N"] * s["N"] * 3 * s["C"], "as knn (computed in float32 inside)",
+         (Impl("ffi", _half_knn("bfloat16"), "xla_ops.knn"),
+          Impl("ffi float32 inputs", _half_knn("float32"), "xla_ops.knn"))),
+)
+
+
+# ---- ragged batches (issue 11, item 2): chamfer with per-example lengths vs the same call without ---------
+def _chamfer_lengths(with_lengths):
+  def setup(s):
+    import jax
+    import numpy as np
+    a, b = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+    la, lb = np.full(s["B"], s["N"], np.int32), np.full(s["B"], s["M"], np.int32)  # all real: same work
+    def loss(a, b, la, lb):
+      kw = dict(lengths_a=la, lengths_b=lb) if with_lengths else {}
+      return _xla_op("chamfer_distance")(a, b, **kw)
+    return _jax_runner(jax.value_and_grad(loss, argnums=(0, 1)), a, b, la, lb)
+  return setup
+
+
+RAGGED_CASES = (
+    Case("chamfer_distance value+grad lengths", dict(B=4, N=16384, M=16384), dict(B=2, N=512, M=512), _bnm,
+         lambda s: 2 * s["B"] * s["N"] * s["M"] * 8, "as nn_distance",
+         (Impl("ffi", _chamfer_lengths(True), "xla_ops.chamfer_distance"),
+          Impl("ffi without lengths", _chamfer_lengths(False), "xla_ops.chamfer_distance"))),
+)
+CASES = CASES + HALF_CASES + RAGGED_CASES
+# bf16 no slower than float32 (0.9: the shared machine's noise, see the table's note).
+TARGETS.update({c.name: [("ffi float32 inputs", 0.9)] for c in HALF_CASES})
+TARGETS["chamfer_distance value+grad lengths"] = [("ffi without lengths", 1 / 1.2)]  # within 1.2x
 
 def _available(needs: str) -> bool:
   if needs.startswith("xla_ops."):
@@ -267,17 +359,29 @@ def _first_run_peak_mib(run: Callable[[], Any]) -> float:
   return (_status_kib("VmHWM") - before) / 1024
 
 
-def _measure_case(case_name: str, quick: bool, repeats: int) -> dict:
+def _sizes(case: Case, quick: bool, gpu: bool) -> dict | None:
+  if quick:
+    return case.quick if (gpu or case.full is not None) else None
+  return case.gpu if gpu else case.full
+
+
+def _measure_case(case_name: str, quick: bool, repeats: int, gpu: bool = False) -> dict:
   """Measures every available implementation of one case in this process: label -> result."""
   case = next(c for c in CASES if c.name == case_name)
-  sizes = case.quick if quick else case.full
+  sizes = _sizes(case, quick, gpu)
   runs, results = {}, {}
   for impl in case.impls:
+    if gpu and not impl.needs.startswith("xla_ops."):
+      continue  # the CPU tools are not GPU implementations
     if not _available(impl.needs):
       print(f"skip {case.name} / {impl.label}: {impl.needs} not available", file=sys.stderr)
       continue
     runs[impl.label] = impl.setup(sizes)
-    results[impl.label] = dict(peak_mib=_first_run_peak_mib(runs[impl.label]), times=[])
+    peak = _first_run_peak_mib(runs[impl.label])
+    if gpu:  # RSS says nothing about device memory: XLA's accounting of the compiled program instead
+      xla_bytes = getattr(runs[impl.label], "xla_bytes", None)
+      peak = float("nan") if xla_bytes is None else xla_bytes / 2**20
+    results[impl.label] = dict(peak_mib=peak, times=[])
     runs[impl.label]()  # warm-up
     if (case_name, impl.label) in EXTRA:
       results[impl.label]["extra"] = EXTRA[case_name, impl.label](sizes)
@@ -308,11 +412,36 @@ def _cpu_peak() -> tuple[float, str]:
   return peak, note
 
 
-def _run_worker(case_name: str, quick: bool, repeats: int) -> dict:
+FP32_LANES_PER_SM = {"8.0": 64, "7.5": 64}  # others (8.6, 8.9, 9.0, 10.x, 12.x): 128
+
+
+def gpu_peak() -> tuple[float, str]:
+  """(fp32 flop/s, explanation) of the default GPU: SMs x fp32 lanes/SM x 2 (FMA) x max SM clock."""
+  import jax
+  device = jax.devices()[0]
+  sms = getattr(device, "core_count", None) or 0
+  cc = str(getattr(device, "compute_capability", ""))
+  lanes = FP32_LANES_PER_SM.get(cc, 128)
+  mhz = 0.0
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True, timeout=30).stdout
+    mhz = float(out.split()[0])
+  except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+    pass
+  peak = sms * lanes * 2 * mhz * 1e6
+  note = (f"{device.device_kind}: {sms} SMs x {lanes} fp32 lanes x 2 (FMA) x {mhz:.0f} MHz (max SM clock, "
+          f"nvidia-smi) = {peak / 1e12:.1f} TFLOP/s fp32 (compute capability {cc or '?'})")
+  return peak, note
+
+
+def _run_worker(case_name: str, quick: bool, repeats: int, gpu: bool = False) -> dict:
   """Measures one case in a fresh subprocess."""
   cmd = [sys.executable, "-m", "experiments.bench_ops", f"--worker={case_name}", f"--repeats={repeats}"]
   if quick:
     cmd.append("--quick")
+  if gpu:
+    cmd.append("--gpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
   for line in proc.stdout.splitlines():
@@ -331,20 +460,27 @@ def _fmt_time(t: float) -> str:
 
 def main(argv):
   del argv
-  quick, repeats = _QUICK.value, (2 if _QUICK.value else _REPEATS.value)
+  quick, repeats, gpu = _QUICK.value, (2 if _QUICK.value else _REPEATS.value), _GPU.value
   if _WORKER.value:
-    print("RESULT " + json.dumps(_measure_case(_WORKER.value, quick, repeats)))
+    print("RESULT " + json.dumps(_measure_case(_WORKER.value, quick, repeats, gpu)))
     return
   isolate = (not quick) if _ISOLATE.value is None else _ISOLATE.value
   measure = _run_worker if isolate else _measure_case
-  peak, peak_note = _cpu_peak()
-  rows, extras, verdicts = [], [], []
+  if gpu:
+    import jax
+    peak, peak_note = gpu_peak() if jax.default_backend() == "gpu" else _cpu_peak()
+  else:
+    peak, peak_note = _cpu_peak()
+  rows, extras, verdicts, records = [], [], [], []
+  targets = GPU_TARGETS if gpu else TARGETS
   started = datetime.datetime.now(datetime.timezone.utc)
   for case in CASES:
     if _CASES.value and case.name not in _CASES.value:
       continue
-    sizes = case.quick if quick else case.full
-    results = measure(case.name, quick, repeats)
+    sizes = _sizes(case, quick, gpu)
+    if sizes is None:
+      continue
+    results = measure(case.name, quick, repeats, gpu)
     for label, r in results.items():
       print(f"{case.name:28s} {label:26s} median {_fmt_time(statistics.median(r['times']))}  "
             f"peak +{r['peak_mib']:.0f} MiB", flush=True)
@@ -353,56 +489,87 @@ def main(argv):
     if "ffi" not in results:
       continue
     ffi_time = statistics.median(results["ffi"]["times"])
-    limit = case.flops(sizes) / peak
+    limit = case.flops(sizes) / peak if peak > 0 else float("nan")
     for label, r in results.items():
       med = statistics.median(r["times"])
       speedup = "" if label == "ffi" else f"{med / ffi_time:.1f}x"
       rows.append(f"| {case.name} | {case.describe(sizes)} | {label} | {_fmt_time(med)} | "
                   f"{_fmt_time(min(r['times']))} - {_fmt_time(max(r['times']))} | {r['peak_mib']:.0f} | "
                   f"{speedup} | {_fmt_ratio(med / limit)} |")
-    for other, target in TARGETS.get(case.name, []):
+      records.append(dict(case=case.name, sizes=sizes, impl=label, median_s=med, min_s=min(r["times"]),
+                          max_s=max(r["times"]), peak_mib=r["peak_mib"], x_of_limit=med / limit,
+                          speedup_of_ffi=(med / ffi_time if label != "ffi" else None)))
+    for other, target in targets.get(case.name, []):
       if other in results and not quick:
         got = statistics.median(results[other]["times"]) / ffi_time
-        verdicts.append(f"- {case.name}: ffi vs {other}: {got:.1f}x (target >= {target:g}x): "
-                        f"{'met' if got >= target else 'NOT met'}")
+        verdicts.append(dict(case=case.name, other=other, speedup=got, target=target, met=got >= target))
+  verdict_lines = [f"- {v['case']}: ffi vs {v['other']}: {v['speedup']:.1f}x (target >= {v['target']:g}x): "
+                   f"{'met' if v['met'] else 'NOT met'}" for v in verdicts]
   flop_notes = [f"- {c.name}: {c.flop_note}" for c in CASES if not _CASES.value or c.name in _CASES.value]
+  if gpu:
+    intro = [
+        f"# xla_ops GPU benchmarks{' (quick sizes)' if quick else ''}",
+        "",
+        f"Generated by `python -m experiments.bench_ops --gpu{' --quick' if quick else ''}` on "
+        f"{started:%Y-%m-%d %H:%M} UTC; {peak_note}.",
+        "",
+        f"{'Each op/size is a fresh process' if isolate else 'One process'} that times its implementations "
+        f"interleaved (round r runs each once): median of {repeats} rounds after one warm-up; jax functions are "
+        "compiled ahead of time and every run blocks until its results are ready.",
+        "",
+        "MiB: XLA's memory accounting of the compiled program (arguments + outputs + temporaries, "
+        "`compiled.memory_analysis()`); the custom calls allocate nothing else (their workspaces are outputs).",
+        "",
+        "x of limit: median time / (flops / peak fp32 rate); flop counts below.",
+    ]
+  else:
+    intro = [
+        "# xla_ops CPU benchmarks",
+        "",
+        f"Generated by `python -m experiments.bench_ops{' --quick' if quick else ''}` on "
+        f"{started:%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}, {peak_note}.",
+        "",
+        "The machine is a shared 2-core VM with other jobs running: timings are noisy (often +-30%) and all "
+        f"ratios are taken from the same run. {'Each op/size is a fresh process' if isolate else 'One process'}"
+        f" that times its implementations interleaved (round r runs each once): median of {repeats} rounds "
+        "after one warm-up; jax functions are compiled ahead of time and XLA uses its default "
+        "thread pool (one per core); scipy uses workers=-1; fpsample and POT are single-threaded and called "
+        "per example.",
+        "",
+        "Peak MiB: peak RSS of an implementation's first execution minus the RSS just before it (inputs made, "
+        "function compiled, malloc_trim), from /proc/self/status VmHWM after resetting it via "
+        "/proc/self/clear_refs.",
+        "",
+        "x of limit: median time / (flops / peak fp32 rate). Flop counts are brute-force counts (below), "
+        "so for tree-based searches a value below 1 means faster than any brute-force evaluation.",
+        "",
+        GPU_POINTER,
+    ]
   lines = [
-      "# xla_ops CPU benchmarks",
+      *intro,
       "",
-      f"Generated by `python -m experiments.bench_ops{' --quick' if quick else ''}` on "
-      f"{started:%Y-%m-%d %H:%M} UTC; {platform.processor() or platform.machine()}, {peak_note}.",
-      "",
-      "The machine is a shared 2-core VM with other jobs running: timings are noisy (often +-30%) and all "
-      f"ratios are taken from the same run. {'Each op/size is a fresh process' if isolate else 'One process'}"
-      f" that times its implementations interleaved (round r runs each once): median of {repeats} rounds "
-      "after one warm-up; jax functions are compiled ahead of time and XLA uses its default "
-      "thread pool (one per core); scipy uses workers=-1; fpsample and POT are single-threaded and called "
-      "per example.",
-      "",
-      "Peak MiB: peak RSS of an implementation's first execution minus the RSS just before it (inputs made, "
-      "function compiled, malloc_trim), from /proc/self/status VmHWM after resetting it via "
-      "/proc/self/clear_refs.",
-      "",
-      "x of limit: median time / (flops / peak fp32 rate). Flop counts are brute-force counts (below), "
-      "so for tree-based searches a value below 1 means faster than any brute-force evaluation.",
-      "",
-      "| op | sizes | implementation | median | min - max | peak MiB | ffi speed-up | x of limit |",
+      f"| op | sizes | implementation | median | min - max | {'MiB' if gpu else 'peak MiB'} | ffi speed-up | x of limit |",
       "|---|---|---|---|---|---|---|---|",
       *rows,
       "",
   ]
-  if verdicts:
-    lines += ["## Targets (this run)", "", *verdicts, ""]
+  if verdict_lines:
+    lines += ["## Targets (this run)", "", *verdict_lines, ""]
   if extras:
     lines += ["## Accuracy", "", *extras, ""]
   lines += ["## Flop counts", "", *flop_notes, ""]
   text = "\n".join(lines)
   print("\n" + text)
-  out = _OUT.value or (None if quick else os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"))
+  default_out = None if (quick or gpu) else os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
+  out = _OUT.value or default_out
   if out:
     with open(out, "w") as f:
       f.write(text)
     print(f"wrote {out}")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(dict(peak_flops=peak, peak_note=peak_note, rows=records, verdicts=verdicts, quick=quick,
+                     repeats=repeats, started=f"{started:%Y-%m-%d %H:%M} UTC"), f, indent=1)
 
 
 if __name__ == "__main__":

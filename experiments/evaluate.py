@@ -3,7 +3,7 @@ r"""Evaluates a trained run with the paper's protocol and the baselines; writes 
   python -m experiments.evaluate --checkpoint runs/quickstart/finetune --output runs/quickstart/results
 
 Columns: the model, 'sparse_x16' (its stage-1 points repeated), the image-blind per-view training medoid and
-the per-(category, view) oracle medoid. See dpcr_jax/evaluation.py for the exact protocol.
+the per-(category, view) oracle medoid. See dpcr_jax/metrics.py for the exact protocol.
 """
 from absl import app
 from absl import flags

@@ -19,8 +19,9 @@ import jax
 import numpy as np
 
 from configs import quickstart
-from dpcr_jax import evaluation, predict, train, visualize
-from dpcr_jax.data import CATEGORIES, generate_synthetic, make_iterator
+from dpcr_jax import cloud_io, evaluation, predict, train, visualize
+from dpcr_jax.data import CATEGORIES, make_iterator
+from dpcr_jax.synth import generate_synthetic
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output folder of the whole job.")
 _MODELS_PER_CATEGORY = flags.DEFINE_integer("models_per_category", 20, "Synthetic models per category "
@@ -67,8 +68,8 @@ def qualitative(predictor: predict.Predictor, config, out_dir: str, per_category
     for i, e in enumerate(chunk):
       rows.append([e["image"], outputs["sparse"][i], outputs["dense"][i], e["points_dense"]])
       name = names[start + i]
-      predict.write_ply(os.path.join(ply_dir, f"{name}_pred.ply"), outputs["dense"][i])
-      predict.write_ply(os.path.join(ply_dir, f"{name}_gt.ply"), e["points_dense"])
+      cloud_io.write_ply(os.path.join(ply_dir, f"{name}_pred.ply"), outputs["dense"][i])
+      cloud_io.write_ply(os.path.join(ply_dir, f"{name}_gt.ply"), e["points_dense"])
   visualize.qualitative_grid(rows, ["input", "sparse", "dense", "ground truth"],
                              os.path.join(out_dir, "qualitative.png"), cell=160, row_titles=names)
 

@@ -6,7 +6,7 @@ r"""Generates the offline ShapeNet-like synthetic dataset in the real on-disk fo
 import argparse
 import json
 
-from dpcr_jax.data import synthetic
+from dpcr_jax.synth import generate
 
 
 def main(argv=None):
@@ -25,7 +25,7 @@ def main(argv=None):
   p.add_argument("--sampling", choices=["deterministic", "iid"], default="deterministic")
   p.add_argument("--renderer", choices=["auto", "moderngl", "numpy"], default="auto")
   args = p.parse_args(argv)
-  summary = synthetic.generate_synthetic(
+  summary = generate.generate_synthetic(
       args.root, args.models_per_category, seed=args.seed, image_size=args.image_size, n_dense=args.n_dense,
       n_mid=args.n_mid, n_sparse=args.n_sparse, workers=args.workers, categories=args.categories,
       r2n2_views=args.r2n2_views, pix3d_images=args.pix3d_images, sampling=args.sampling, renderer=args.renderer)

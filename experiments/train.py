@@ -1,6 +1,6 @@
 r"""Trains one stage: a thin launcher over dpcr_jax.train.train_and_evaluate.
 
-  python -m experiments.train --config configs/sparse.py --workdir runs/sparse \
+  python -m experiments.train --config configs/paper.py:sparse --workdir runs/sparse \
       --config.data.root=/path/to/attdpcr --config.batch_size=8
 
 Rerunning with the same --workdir resumes from its newest checkpoint; a config that changes what is trained

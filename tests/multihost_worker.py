@@ -1,5 +1,5 @@
 """One process of the multi-host test (tests/test_multihost.py): the stand-in sparse model trained by
-``train.train_and_evaluate`` with ``config.distributed`` enabled, 2 CPU devices per process, gloo collectives.
+``train.train_and_evaluate`` (each process reading its rows of every global batch) with ``config.distributed`` enabled, 2 CPU devices per process, gloo collectives.
 
   python tests/multihost_worker.py WORKDIR PROCESS_ID NUM_PROCESSES PORT NUM_STEPS
 
@@ -20,15 +20,13 @@ DEVICES_PER_PROCESS = 2
 
 def main(workdir: str, process_id: int, num_processes: int, port: int, num_steps: int) -> None:
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from dpcr_jax import train  # pylint: disable=g-import-not-at-top
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
-  standins.patch_training(setattr)
   config = standins.tiny_config("sparse", os.path.dirname(os.path.abspath(__file__)))
   config.num_train_steps, config.checkpoint_every, config.eval_every = num_steps, 2, 1000
   config.distributed.update(enabled=True, coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
                             process_id=process_id)
-  state = train.train_and_evaluate(config, workdir)
+  state = standins.run_training(config, workdir)
   assert jax.process_count() == num_processes and jax.device_count() == DEVICES_PER_PROCESS * num_processes
   # Replicated arrays span devices of every process: read this process's own copy.
   leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)]

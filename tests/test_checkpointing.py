@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import standins
-from dpcr_jax import checkpointing, train
+from dpcr_jax import checkpointing
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), "standins.py")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +18,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(workdir, steps):
   """Trains the stand-in sparse model in a subprocess on one CPU device; its log goes to <workdir>.log."""
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=_REPO)
   log = open(workdir + ".log", "ab")
   return subprocess.Popen([sys.executable, _SCRIPT, workdir, str(steps)], cwd=_REPO, env=env,
                           stdout=log, stderr=log)
@@ -59,11 +59,11 @@ def test_killed_run_resumes_to_the_same_params(tmp_path):
 
 
 def _trained_state(tmp_path, monkeypatch, stage, name, steps=8):
-  standins.patch_training(monkeypatch.setattr)
+  del monkeypatch
   config = standins.tiny_config(stage, str(tmp_path))
   config.num_train_steps, config.checkpoint_every, config.eval_every = steps, 4, 100
   workdir = str(tmp_path / name)
-  return train.train_and_evaluate(config, workdir), workdir, config
+  return standins.run_training(config, workdir), workdir, config
 
 
 def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, monkeypatch):
@@ -79,7 +79,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, monkeypatch)
   _assert_same_variables(assert_close, before)
   # And the training loop resumes from step 4 (then trains to 8 again).
   config.num_train_steps = 8
-  state = train.train_and_evaluate(config, workdir)
+  state = standins.run_training(config, workdir)
   assert int(state.step) == 8
 
 
@@ -98,7 +98,7 @@ def test_finetune_starts_from_stage_checkpoints(tmp_path, monkeypatch):
     return state
 
   monkeypatch.setattr(checkpointing, "init_finetune_state", spy)
-  train.train_and_evaluate(config, str(tmp_path / "finetune"))
+  standins.run_training(config, str(tmp_path / "finetune"))
   init = captured["state"]
   _assert_same_variables(init.params["sparse"], jax.device_get(sparse_state.params))
   _assert_same_variables(init.batch_stats["sparse"], jax.device_get(sparse_state.batch_stats))
@@ -111,7 +111,7 @@ def test_stage_checkpoint_with_other_shapes_is_rejected(tmp_path, monkeypatch):
   config = standins.tiny_config("finetune", str(tmp_path))
   config.init.sparse_checkpoint = dense_dir  # wrong stage
   with pytest.raises(ValueError, match="do not match the finetune model's 'sparse'"):
-    train.train_and_evaluate(config, str(tmp_path / "finetune"))
+    standins.run_training(config, str(tmp_path / "finetune"))
 
 
 def test_load_variables_errors(tmp_path):

@@ -98,12 +98,41 @@ def _fps_numpy(xyz, npoint):
 
 
 def _sq_dists(q, r):
-  """[n, C], [m, C] -> float32 squared distances [n, m], summed over channels in order (as the handlers)."""
+  """[n, 3], [m, 3] -> float32 squared distances [n, m]: (dx^2 + dy^2) + dz^2 (csrc/distance.h's SqDist3)."""
   d = np.zeros((len(q), len(r)), np.float32)
   for c in range(q.shape[-1]):
     diff = r[None, :, c] - q[:, None, c]
     d = d + diff * diff
   return d
+
+
+def _sq_dists_c(q, r):
+  """[n, C], [m, C] -> knn's float32 squared distances [n, m] (csrc/distance.h's SqDistC): channel c is added
+  into partial sum c % 8, then ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)). numpy never fuses."""
+  s = np.zeros((8, len(q), len(r)), np.float32)
+  for c in range(q.shape[-1]):
+    diff = q[:, None, c] - r[None, :, c]
+    s[c % 8] = s[c % 8] + diff * diff
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 7, 8, 9, 16, 32, 33, 64])
+def test_knn_cpu_distances_are_the_shared_definition(channels):
+  """Runs everywhere: the CPU half of the CPU/GPU bit-identity. The CPU handler's knn distances are exactly
+  SqDistC (test_knn checks the CUDA half). Fails if the CPU build contracts into FMAs (aarch64 without
+  -ffp-contract=off) or if either backend sums the channels differently."""
+  rng = np.random.default_rng(30 + channels)
+  query = rng.standard_normal((2, 40, channels)).astype(np.float32)
+  ref = rng.standard_normal((2, 300, channels)).astype(np.float32)
+  k = 300  # every ref: all distances are compared, not only the nearest
+  call = _raw("xla_ops_knn", (2, 2), (((40, k), jnp.float32), ((40, k), jnp.int32)), k=np.int32(k))
+  dist, idx = _run(call, CPU, query, ref)
+  for b in range(2):
+    d = _sq_dists_c(query[b], ref[b])
+    np.testing.assert_array_equal(dist[b], np.take_along_axis(d, idx[b], axis=1))
+    np.testing.assert_array_equal(idx[b], np.argsort(d, axis=1, kind="stable"))
+  if channels <= 3:  # the shared definition reduces to the in-order sum (== SqDist3 at C = 3)
+    np.testing.assert_array_equal(_sq_dists_c(query[0], ref[0]), _sq_dists(query[0], ref[0]))
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -125,7 +154,7 @@ def test_farthest_point_sample(grid):
 @needs_gpu
 def test_farthest_point_sample_rejects_bad_npoint_in_handler():
   xyz = np.zeros((1, 5, 3), np.float32)
-  call = _raw("xla_ops_farthest_point_sample", (2,), (((6,), jnp.int32),), npoint=np.int32(6))
+  call = _raw("xla_ops_farthest_point_sample", (2,), (((6,), jnp.int32), ((5,), jnp.float32)), npoint=np.int32(6))
   with pytest.raises(Exception, match="npoint"):
     _run(call, GPU, xyz)
 
@@ -185,17 +214,25 @@ def test_group_points_out_of_range_reads_zero_on_gpu():
 
 
 @needs_gpu
-@pytest.mark.parametrize("channels,grid,k", [(3, None, 20), (3, 2, 9), (7, None, 5), (3, None, 700)])
+@pytest.mark.parametrize("channels,grid,k", [
+    (3, None, 20), (3, 2, 9), (3, None, 700),  # register kernel, C = 3
+    (7, None, 5), (7, 2, 9), (48, None, 20),   # generic kernel, queries in shared memory
+    (32, None, 20), (64, None, 20), (64, 2, 20),  # register kernels (the dense stage's sizes)
+    (100, None, 5),                            # generic kernel, queries read from global memory
+])
 def test_knn(channels, grid, k):
+  """GPU == CPU bit for bit (both compute csrc/distance.h's SqDistC) == the numpy definition, for every
+  kernel variant; before the shared definition the CUDA kernel summed channels in order and differed from
+  the CPU handler by 1 ulp in many pairs from C = 4 up."""
   rng = np.random.default_rng(3)
   query = _points(rng, 2, 300, channels, grid=grid)
-  ref = _points(rng, 2, 700, channels, grid=grid)  # 700 > one 256-point shared-memory tile
+  ref = _points(rng, 2, 700, channels, grid=grid)  # 700 > one shared-memory tile of refs
   call = _raw("xla_ops_knn", (2, 2), (((300, k), jnp.float32), ((300, k), jnp.int32)), k=np.int32(k))
   gpu, cpu = _both(call, query, ref)
   np.testing.assert_array_equal(gpu[1], cpu[1])
   np.testing.assert_array_equal(gpu[0], cpu[0])
   for b in range(2):
-    d = _sq_dists(query[b], ref[b])
+    d = _sq_dists_c(query[b], ref[b])
     order = np.argsort(d, axis=1, kind="stable")[:, :k]  # ties: lowest index first
     np.testing.assert_array_equal(gpu[1][b], order)
     np.testing.assert_array_equal(gpu[0][b], np.take_along_axis(d, order, axis=1))
@@ -320,3 +357,74 @@ def test_approx_match_and_match_cost(n, m):
     np.testing.assert_allclose(grads[1][b], g2, rtol=1e-4, atol=1e-5)
   emd_gpu, emd_cpu = _both(emd.earth_mover_distance, xyz1, xyz2)
   np.testing.assert_allclose(emd_gpu, emd_cpu, rtol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("batch,n,m", [(2, 1024, 1024), (3, 1100, 700), (2, 130, 2000)])
+def test_approx_match_sliced_sums(batch, n, m):
+  """Sizes where the CUDA handler splits its sums into several slices (xla_ops/emd.py's workspace: 8, 5 and
+  1 slices here, uneven last slices): the same match as the CPU handler up to float32 rounding."""
+  rng = np.random.default_rng(9)
+  xyz1, xyz2 = _points(rng, batch, n, 3), _points(rng, batch, m, 3)
+  match_gpu, match_cpu = _both(emd.approx_match, xyz1, xyz2)
+  np.testing.assert_allclose(match_gpu, match_cpu, atol=5e-3)
+  np.testing.assert_allclose(match_gpu.sum((-2, -1)), match_cpu.sum((-2, -1)), rtol=1e-4)
+  cost_gpu, cost_cpu = _both(emd.match_cost, xyz1, xyz2, match_cpu)
+  np.testing.assert_allclose(cost_gpu, cost_cpu, rtol=1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_approx_match_non_finite_in_xyz1_only(bad):
+  """A NaN/Inf coordinate in xyz1 alone: that example's match is all NaN on the GPU too (fminf/fmaxf in the
+  rounds drop NaN, so without the explicit rule the kernel returned finite garbage); the other is unaffected."""
+  rng = np.random.default_rng(10)
+  xyz1, xyz2 = _points(rng, 2, 200, 3), _points(rng, 2, 150, 3)
+  xyz1[1, 17, 2] = bad
+  match_gpu, match_cpu = _both(emd.approx_match, xyz1, xyz2)
+  assert np.isnan(match_gpu[1]).all() and np.isnan(match_cpu[1]).all()
+  np.testing.assert_allclose(match_gpu[0], match_cpu[0], atol=5e-3)
+  assert np.isnan(_run(emd.earth_mover_distance, GPU, xyz1, xyz2)[1])
+
+
+_COMMAND_BUFFER_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np, xla_ops
+gpu, cpu = jax.devices("gpu")[0], jax.devices("cpu")[0]
+
+def ops(a, b):
+  idx = xla_ops.farthest_point_sample(a, 64)
+  match = xla_ops.approx_match(a, b)
+  return (idx, xla_ops.knn(a, b, 5)[1], xla_ops.ball_query(a, b, 0.3, 8)[0], xla_ops.nn_distance(a, b)[1],
+          xla_ops.three_nn(a, b)[1], match, xla_ops.match_cost(a, b, match),
+          jax.grad(lambda p: jnp.sum(xla_ops.chamfer_distance(p, b)))(a))
+
+f_gpu = jax.jit(ops)
+rng = np.random.default_rng(0)
+for trial in range(3):  # replays of the captured graph must read the new inputs
+  a = rng.random((2, 300, 3), dtype=np.float32)
+  b = rng.random((2, 200, 3), dtype=np.float32)
+  got = jax.tree.map(np.asarray, f_gpu(jax.device_put(a, gpu), jax.device_put(b, gpu)))
+  want = jax.tree.map(np.asarray, jax.jit(ops)(jax.device_put(a, cpu), jax.device_put(b, cpu)))
+  for i, (g, w) in enumerate(zip(got, want)):
+    if g.dtype == np.int32:
+      np.testing.assert_array_equal(g, w, err_msg=f"output {i}, trial {trial}")
+    else:
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=5e-3, err_msg=f"output {i}, trial {trial}")
+print("OK")
+"""
+
+
+@needs_gpu
+def test_handlers_run_inside_cuda_graphs():
+  """Every handler declares XLA's command-buffer trait: with custom calls allowed in command buffers and no
+  minimum graph size, XLA captures them into CUDA graphs; the results of repeated calls with new inputs
+  (graph replays) must still equal the CPU handlers'. Runs in a subprocess (XLA flags are read at start-up)."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
+                      " --xla_gpu_graph_min_graph_size=1").strip()
+  proc = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_SCRIPT], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -15,11 +15,12 @@ from dpcr_jax.data import camera
 from dpcr_jax.data import categories
 from dpcr_jax.data import pix3d
 from dpcr_jax.data import psgn
+from dpcr_jax.data import common
 from dpcr_jax.data import r2n2
-from dpcr_jax.data import render
-from dpcr_jax.data import shapes
-from dpcr_jax.data import synthetic
 from dpcr_jax.data.common import DataError
+from dpcr_jax.synth import generate
+from dpcr_jax.synth import render
+from dpcr_jax.synth import shapes
 import xla_ops
 
 SIZE, N_DENSE, N_MID, N_SPARSE = 64, 512, 128, 32
@@ -31,7 +32,7 @@ SHARED = os.path.join(REPO, "..", "shared", "data")
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("synth"))
-  synthetic.generate_synthetic(root, 5, seed=1, image_size=SIZE, n_dense=N_DENSE, n_mid=N_MID, n_sparse=N_SPARSE,
+  generate.generate_synthetic(root, 5, seed=1, image_size=SIZE, n_dense=N_DENSE, n_mid=N_MID, n_sparse=N_SPARSE,
                                categories=CATS, r2n2_views=3, progress=False, fps="numpy")
   return root
 
@@ -189,7 +190,7 @@ def test_pix3d_selection_and_preprocessing(tmp_path):
     ys, xs = np.nonzero(ex["image"].max(-1) > 0)
     assert max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) in (47, 48)  # long side = 64 - 16
     assert ex["points_dense"].shape == (N_DENSE, 3) and ex["points_mid"].shape == (N_MID, 3)
-    v, _ = shapes.read_obj(os.path.join(root, e["model"]))
+    v, _ = common.read_obj(os.path.join(root, e["model"]))
     assert np.all(np.abs(ex["points_dense"]) <= np.abs(v).max() * 0.57 + 1e-6)  # canonical frame, x0.57
   # Outside-mask pixels are black (the noise background is gone).
   photo = np.asarray(Image.open(os.path.join(root, entries[0]["img"])))
@@ -269,7 +270,7 @@ def test_psgn_bad_files(tmp_path):
 
 
 def test_generated_mini_pix3d_loads_end_to_end(tmp_path):
-  n = synthetic.write_mini_pix3d(str(tmp_path), 10, seed=0, models_per_category=1, occluded_fraction=0.3)
+  n = generate.write_mini_pix3d(str(tmp_path), 10, seed=0, models_per_category=1, occluded_fraction=0.3)
   entries = json.load(open(tmp_path / "pix3d.json"))
   assert n == len(entries) == 10 and {e["category"] for e in entries} <= {"chair", "sofa", "table"}
   src = data.make_source(_config(str(tmp_path), source="pix3d", categories=None, image_size=64, pix3d_pad=16), "test")

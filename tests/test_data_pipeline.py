@@ -6,7 +6,7 @@ import pytest
 
 from dpcr_jax import data
 from dpcr_jax.data import pipeline
-from dpcr_jax.data import synthetic
+from dpcr_jax.synth import generate
 
 SIZE, N_DENSE, N_MID, N_SPARSE = 32, 128, 64, 16
 
@@ -14,7 +14,7 @@ SIZE, N_DENSE, N_MID, N_SPARSE = 32, 128, 64, 16
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("synth"))
-  synthetic.generate_synthetic(path, 5, seed=2, image_size=SIZE, n_dense=N_DENSE, n_mid=N_MID, n_sparse=N_SPARSE,
+  generate.generate_synthetic(path, 5, seed=2, image_size=SIZE, n_dense=N_DENSE, n_mid=N_MID, n_sparse=N_SPARSE,
                                categories=["car", "sofa"], r2n2_views=2, progress=False, fps="numpy")
   return path  # train: 2 categories x 4 models x 12 views = 96 examples
 
@@ -64,17 +64,31 @@ def test_epochs_are_reshuffled_permutations(root):
   assert [int(v) for v in unshuffled[0]["view"]] == list(range(10))
 
 
-def test_keep_remainder_and_sharding(root, monkeypatch):
+def test_keep_remainder(root):
   full = list(data.make_iterator(_config(root), "train", 10, seed=0, num_epochs=1, drop_remainder=False))
   assert [len(b["view"]) for b in full] == [10] * 9 + [6]
-  all_keys = sum((_keys(b) for b in full), [])
+  assert len(set(sum((_keys(b) for b in full), []))) == 96
+
+
+def test_processes_read_disjoint_shards_of_every_epoch(root, monkeypatch):
+  """2 processes x global batch 8: each reads its 4 rows of every global batch, so within every epoch the
+  processes never draw the same example, and together they read exactly a single process's batches."""
+  single = list(data.make_iterator(_config(root), "train", 8, seed=5, num_epochs=2))
   shards = []
   for process in range(2):
     monkeypatch.setattr(pipeline, "_process_shard", lambda _, p=process: (p, 2))
-    it = data.make_iterator(_config(root), "train", 8, seed=0, num_epochs=1, drop_remainder=False)
-    shards.append(sum((_keys(b) for b in it), []))
-  assert len(shards[0]) == len(shards[1]) == 48
-  assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(all_keys)
+    shards.append(list(data.make_iterator(_config(root), "train", 8, seed=5, num_epochs=2)))
+  assert len(single) == len(shards[0]) == len(shards[1]) == 2 * 12
+  for whole, part0, part1 in zip(single, *shards):
+    assert len(part0["view"]) == len(part1["view"]) == 4
+    assert _keys(whole) == _keys(part0) + _keys(part1)
+  for epoch in range(2):
+    keys = [set(sum((_keys(b) for b in shard[12 * epoch:12 * (epoch + 1)]), [])) for shard in shards]
+    assert len(keys[0]) == len(keys[1]) == 48 and not keys[0] & keys[1]
+  with pytest.raises(ValueError, match="divisible by the number of shards"):
+    data.make_iterator(_config(root), "train", 7, seed=0)
+  with pytest.raises(ValueError, match="drop_remainder=False needs a single shard"):
+    data.make_iterator(_config(root), "train", 8, seed=0, drop_remainder=False)
 
 
 def test_resume_mid_epoch_from_saved_state(root):

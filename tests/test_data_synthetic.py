@@ -1,4 +1,5 @@
-"""Synthetic generator, camera maths, renderers and samplers (dpcr_jax.data)."""
+"""Synthetic generator and renderers (dpcr_jax.synth), and the camera maths and samplers they share with the
+loaders (dpcr_jax.data)."""
 import json
 import os
 
@@ -9,10 +10,10 @@ import pytest
 
 from dpcr_jax.data import camera
 from dpcr_jax.data import categories
-from dpcr_jax.data import render
 from dpcr_jax.data import sampling
-from dpcr_jax.data import shapes
-from dpcr_jax.data import synthetic
+from dpcr_jax.synth import generate
+from dpcr_jax.synth import render
+from dpcr_jax.synth import shapes
 
 SIZE, N_DENSE, N_MID, N_SPARSE = 96, 2048, 512, 128
 
@@ -20,7 +21,7 @@ SIZE, N_DENSE, N_MID, N_SPARSE = 96, 2048, 512, 128
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("synth"))
-  summary = synthetic.generate_synthetic(root, 3, seed=7, image_size=SIZE, n_dense=N_DENSE, n_mid=N_MID,
+  summary = generate.generate_synthetic(root, 3, seed=7, image_size=SIZE, n_dense=N_DENSE, n_mid=N_MID,
                                          n_sparse=N_SPARSE, workers=1, r2n2_views=2, progress=False)
   return root, summary
 
@@ -113,8 +114,8 @@ def test_generator_deterministic_and_independent_of_workers(tmp_path):
   kw = dict(seed=3, image_size=32, n_dense=256, n_mid=64, n_sparse=16, categories=["chair"], r2n2_views=1, fps="numpy",
             progress=False)
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  synthetic.generate_synthetic(a, 2, workers=1, **kw)
-  synthetic.generate_synthetic(b, 2, workers=2, **kw)
+  generate.generate_synthetic(a, 2, workers=1, **kw)
+  generate.generate_synthetic(b, 2, workers=2, **kw)
   for folder, name in (("image_32_32_12", "image"), ("point_256_12", "point"), ("point_16_12", "point")):
     np.testing.assert_array_equal(_h5(a, "train", folder, "03001627", name), _h5(b, "train", folder, "03001627", name))
 

@@ -1,9 +1,9 @@
-"""Evaluation protocol vs independent numpy computations on tiny clouds; aggregation, reports, baselines."""
+"""Evaluation: protocol metrics, report tables and baselines vs independent numpy computations on tiny clouds."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpcr_jax import evaluation
+from dpcr_jax import baselines, evaluation, metrics, reports
 from xla_ops.reference import emd as emd_ref
 
 
@@ -33,7 +33,7 @@ def test_protocol_matches_numpy(impl):
   # Predictions at another scale and offset (which the protocol ignores) plus noise.
   pred = (gt * 2.5 + 3.0 + rng.normal(size=gt.shape) * 0.02).astype(np.float32)
   pred[2] = rng.uniform(-1, 1, size=(64, 3))
-  got = {k: np.asarray(v) for k, v in evaluation.cloud_metrics(jnp.asarray(pred), jnp.asarray(gt),
+  got = {k: np.asarray(v) for k, v in metrics.cloud_metrics(jnp.asarray(pred), jnp.asarray(gt),
                                                                  impl=impl).items()}
   for i in range(3):
     want = _np_metrics(pred[i], gt[i])
@@ -45,21 +45,21 @@ def test_protocol_matches_numpy(impl):
 def test_normalization_and_invariance():
   rng = np.random.default_rng(1)
   p = rng.normal(size=(2, 50, 3)).astype(np.float32)
-  n = np.asarray(evaluation.normalize_unit_cube(jnp.asarray(p)))
+  n = np.asarray(metrics.normalize_unit_cube(jnp.asarray(p)))
   np.testing.assert_allclose((n.max(1) - n.min(1)).max(-1), 1.0, rtol=1e-6)
   np.testing.assert_allclose((n.max(1) + n.min(1)) / 2, 0.0, atol=1e-6)
-  same = evaluation.cloud_metrics(jnp.asarray(p * 7 - 2), jnp.asarray(p), impl="jnp")
+  same = metrics.cloud_metrics(jnp.asarray(p * 7 - 2), jnp.asarray(p), impl="jnp")
   np.testing.assert_allclose(same["cd"], 0.0, atol=1e-4)
   np.testing.assert_allclose(same["fscore"], 100.0)
 
 
 def test_exact_emd_and_approximation_error():
   a = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32)
-  assert evaluation.exact_emd(a, a[[2, 0, 1]]) == pytest.approx(0.0)
-  assert evaluation.exact_emd(a, a + [0, 0, 0.5]) == pytest.approx(1.5)
+  assert metrics.exact_emd(a, a[[2, 0, 1]]) == pytest.approx(0.0)
+  assert metrics.exact_emd(a, a + [0, 0, 0.5]) == pytest.approx(1.5)
   rng = np.random.default_rng(0)
   clouds = rng.normal(size=(2, 300, 3)).astype(np.float32)
-  check = evaluation.emd_approximation_error(clouds, clouds[::-1] + 0.1, num_points=64, impl="jnp")
+  check = metrics.emd_approximation_error(clouds, clouds[::-1] + 0.1, num_points=64, impl="jnp")
   assert check["num_points"] == 64 and check["exact_mean"] > 0
   assert -1e-3 < check["mean_relative_error"] < 0.5  # the approximate match is a feasible transport
 
@@ -67,7 +67,7 @@ def test_exact_emd_and_approximation_error():
 def test_aggregate_is_unweighted_mean_of_categories():
   records = {"cd": np.array([1.0, 3.0, 10.0, np.nan]), "emd": np.array([np.nan, 2.0, 4.0, 6.0])}
   cats = np.array([0, 0, 1, 1])
-  table = evaluation.aggregate(records, cats, ["a", "b"])
+  table = reports.aggregate(records, cats, ["a", "b"])
   assert table["a"]["cd"] == 2.0 and table["b"]["cd"] == 10.0 and table["mean"]["cd"] == 6.0
   assert table["a"]["emd"] == 2.0 and table["b"]["emd"] == 5.0 and table["mean"]["emd"] == 3.5
   assert table["a"]["count"] == 2
@@ -76,7 +76,7 @@ def test_aggregate_is_unweighted_mean_of_categories():
 def test_reports(tmp_path):
   t = {"a": {"cd": 1.0, "count": 2}, "mean": {"cd": 1.0, "count": 2}}
   u = {"a": {"cd": 2.0, "count": 2}, "mean": {"cd": 2.0, "count": 2}}
-  csv_path, md_path = evaluation.write_reports({"model": t, "medoid": u}, str(tmp_path / "r"), notes=["n1"])
+  csv_path, md_path = reports.write_reports({"model": t, "medoid": u}, str(tmp_path / "r"), notes=["n1"])
   assert open(csv_path).read().splitlines()[1] == "model,a,2,1"
   md = open(md_path).read()
   assert "| a | **1.000** | 2.000 |" in md and "- n1" in md
@@ -87,9 +87,9 @@ def test_medoid_is_the_central_cloud():
   base = rng.normal(size=(128, 3)).astype(np.float32)
   scales = [1.0, 1.3, 1.6, 1.9, 2.2]  # anisotropic stretches: the middle one is closest to all others
   clouds = np.stack([base * [s, 1, 1] for s in scales])
-  assert evaluation.medoid_index(clouds, num_points=128, impl="jnp") == 2
+  assert baselines.medoid_index(clouds, num_points=128, impl="jnp") == 2
   batches = [{"points_dense": clouds, "category": np.array([0, 0, 0, 1, 1]), "view": np.array([3] * 5)}]
-  medoids = evaluation.MedoidBaselines(iter(batches), num_points=128, impl="jnp")
+  medoids = baselines.MedoidBaselines(iter(batches), num_points=128, impl="jnp")
   pred = medoids.predict(np.array([1, 0]), np.array([3, 3]))
   np.testing.assert_array_equal(pred["medoid"][0], clouds[2])
   np.testing.assert_array_equal(pred["oracle_medoid"][1], clouds[1])
@@ -100,7 +100,7 @@ def test_evaluate_predictions_with_baselines():
   gt = rng.normal(size=(6, 64, 3)).astype(np.float32)
   batches = [{"points_dense": gt[:4], "category": np.array([0, 1, 0, 1]), "view": np.zeros(4, np.int32)},
              {"points_dense": gt[4:], "category": np.array([1, 1]), "view": np.zeros(2, np.int32)}]
-  medoids = evaluation.MedoidBaselines(iter(batches), num_points=64, impl="jnp")
+  medoids = baselines.MedoidBaselines(iter(batches), num_points=64, impl="jnp")
   predict = lambda batch: {"dense": batch["points_dense"], "sparse": batch["points_dense"][:, :4]}
   result = evaluation.evaluate_predictions(predict, batches, 4, ["a", "b"], medoids,
                                            emd_examples_per_category=1, exact_emd_clouds=2, impl="jnp")

@@ -108,6 +108,7 @@ def test_group_points_grad_checks_and_vmap():
   np.testing.assert_allclose(np.asarray(g_vmap), np.asarray(jax.grad(f)(points, idx)), rtol=1e-6)
 
 
+@pytest.mark.cpu  # CPU handler's ordered sums; the CUDA scatter-add uses atomics (tests/test_cuda.py)
 def test_group_points_grad_is_deterministic_and_batch_independent():
   rng = np.random.default_rng(1)
   points = rng.standard_normal((16, 50, 40)).astype(np.float32)
@@ -121,6 +122,7 @@ def test_group_points_grad_is_deterministic_and_batch_independent():
     np.testing.assert_array_equal(np.asarray(one), whole[b])
 
 
+@pytest.mark.cpu  # INVALID_ARGUMENT for out-of-range indices is the CPU's; the GPU reads zeros (tests/test_cuda.py)
 def test_group_points_out_of_range_index_errors_on_cpu():
   points = _points(0, (2, 10, 3))
   idx = np.zeros((2, 4, 2), np.int32)
@@ -277,6 +279,7 @@ Q3 = np.zeros((2, 4, 3), np.float32)
 IDX = np.full((2, 4, 5), 4, np.int32)
 
 
+@pytest.mark.cpu  # INVALID_ARGUMENT for out-of-range indices is the CPU's; the GPU reads zeros (tests/test_cuda.py)
 @pytest.mark.parametrize("target,args,out_core,attrs,match", [
     ("xla_ops_knn", (Q3, P3), (((4, 11), jnp.float32), ((4, 11), jnp.int32)), {"k": np.int32(11)}, "k must be in"),
     ("xla_ops_ball_query", (P3, Q3), (((4, 2), jnp.int32), ((4,), jnp.int32)),

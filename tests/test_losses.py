@@ -1,10 +1,11 @@
-"""Stage losses against values computed by hand in numpy (float64) on small inputs (spec §4.1-4.3)."""
+"""Stage losses against values computed by hand in numpy (float64) on small inputs (docs/original.md §4.1-4.3)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpcr_jax.losses import compute_loss
+from dpcr_jax import stages
+from dpcr_jax.losses import dense_loss, finetune_loss, sparse_loss
 from dpcr_jax.models import default_loss_config
 from xla_ops.reference import emd as emd_reference
 
@@ -35,7 +36,7 @@ def test_sparse_loss(impl):
   params = {"decoder": {"conv_1": {"kernel": _points(rng, 3, 3, 4, 5), "bias": _points(rng, 5)},
                         "deconv_2": {"kernel": _points(rng, 5, 5, 2, 5), "bias": _points(rng, 2)}},
             "encoder": {"stem_1": {"kernel": _points(rng, 5, 5, 3, 4), "bias": _points(rng, 4)}}}
-  loss, metrics = compute_loss("sparse", {"sparse": pred}, {"points_dense": gt}, params, default_loss_config(), impl)
+  loss, metrics = sparse_loss({"sparse": pred}, {"points_dense": gt}, params, default_loss_config(), impl)
   gt_to_pred, pred_to_gt = _nn_sq(gt, pred).mean(), _nn_sq(pred, gt).mean()
   l2 = sum(1e-5 * 0.5 * (params["decoder"][k]["kernel"].astype(np.float64) ** 2).sum() for k in ("conv_1", "deconv_2"))
   expected = 1e4 * (gt_to_pred + 0.55 * pred_to_gt) + 0.1 * l2
@@ -49,8 +50,7 @@ def test_sparse_loss(impl):
 def test_dense_loss(impl):
   rng = np.random.default_rng(1)
   gt, mid, dense = _points(rng, 2, 64, 3), _points(rng, 2, 16, 3), _points(rng, 2, 64, 3)
-  loss, metrics = compute_loss("dense", {"mid": mid, "dense": dense}, {"points_dense": gt}, {},
-                               default_loss_config(), impl)
+  loss, metrics = dense_loss({"mid": mid, "dense": dense}, {"points_dense": gt}, {}, default_loss_config(), impl)
   np.testing.assert_allclose(loss, 1e4 * (_cd(gt, mid) + _cd(gt, dense)), rtol=1e-5)
   np.testing.assert_allclose(metrics["cd"], _cd(gt, dense), rtol=1e-5)
   np.testing.assert_allclose(metrics["cd_mid"], _cd(gt, mid), rtol=1e-5)
@@ -63,8 +63,7 @@ def test_finetune_loss_and_gradient(impl):
   batch = {"points_sparse": gt_sparse, "points_dense": gt_dense}
 
   def loss_fn(sparse):
-    return compute_loss("finetune", {"sparse": sparse, "mid": mid, "dense": dense}, batch, {},
-                        default_loss_config(), impl)
+    return finetune_loss({"sparse": sparse, "mid": mid, "dense": dense}, batch, {}, default_loss_config(), impl)
 
   (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(jnp.asarray(sparse))
   emd = np.mean([emd_reference.match_cost(g, p, emd_reference.approx_match(g, p)) for g, p in zip(gt_sparse, sparse)])
@@ -85,6 +84,7 @@ def test_finetune_loss_and_gradient(impl):
   np.testing.assert_allclose(grad, 0.5 * expected_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_unknown_stage_raises():
-  with pytest.raises(ValueError, match="stage"):
-    compute_loss("coarse", {}, {}, {}, default_loss_config())
+def test_stage_table_wires_each_loss():
+  assert [stages.get(n).loss for n in ("sparse", "dense", "finetune")] == [sparse_loss, dense_loss, finetune_loss]
+  with pytest.raises(ValueError, match="stage must be one of"):
+    stages.get("coarse")

@@ -1,4 +1,4 @@
-"""Model tests: spec shapes and parameter counts at paper size (eval_shape, no compute), layer numerics
+"""Model tests: the original's shapes and parameter counts at paper size (eval_shape, no compute), layer numerics
 against independent references, quirk flags, ffi/jnp parity and end-to-end differentiability (tiny)."""
 import functools
 
@@ -8,12 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpcr_jax.models import build_model, default_model_config
+from dpcr_jax import stages
+from dpcr_jax.models import build_dense, default_model_config
 from dpcr_jax.models import layers
 from dpcr_jax.models.dense import DenseLevel, expand_with_grid, grid_codes
 from dpcr_jax.models.sparse import Decoder, decoder_kernels
 
 B = 2
+
+
+def build_model(config, stage, ops_impl="ffi"):
+  """The stage table's network for a model config."""
+  return stages.get(stage).make_model(config, ops_impl)
 
 
 def _count(tree) -> int:
@@ -38,7 +44,7 @@ def _paper_model(stage):
 
 def _tiny_config(**dense):
   c = default_model_config()
-  c.image_size, c.sparse_grid, c.width = 64, 8, 1 / 16
+  c.image_size, c.width = 64, 1 / 16
   c.dense.k = 4
   c.dense.update(dense)
   return c
@@ -92,7 +98,7 @@ def test_paper_parameter_counts_and_output_shapes():
 
 
 def test_spec_shape_tables():
-  """Intermediate feature maps of spec §1.2/§1.3 (256 input) and §2.4 (dense levels)."""
+  """Intermediate feature maps of docs/original.md §1.2/§1.3 (256 input) and §2.4 (dense levels)."""
   model, abstract = _paper_model("finetune")
   _, state = jax.eval_shape(
       lambda v, b: model.apply(v, b, train=False, capture_intermediates=True, mutable=["intermediates"]),
@@ -125,7 +131,7 @@ def test_spec_shape_tables():
 
 def test_smaller_images_and_pointnet2_variant_shapes():
   config = default_model_config()
-  config.image_size, config.sparse_grid = 128, 16
+  config.image_size = 128
   config.dense.variant = "pointnet2"
   model = build_model(config, "finetune")
   batch = _abstract_batch(128, 256)
@@ -134,14 +140,13 @@ def test_smaller_images_and_pointnet2_variant_shapes():
                                                      "dense": (B, 4096, 3)}
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(image_size=100), "image_size"), (dict(sparse_grid=16), "sparse_grid"),
-    (dict(ops_impl="cuda"), "ops_impl")])
-def test_bad_model_config_raises(change, match):
+def test_bad_model_config_raises():
   config = default_model_config()
-  config.update(change)
-  with pytest.raises(ValueError, match=match):
+  config.image_size = 100
+  with pytest.raises(ValueError, match="image_size"):
     build_model(config, "finetune")
+  with pytest.raises(ValueError, match="ops_impl"):
+    build_model(default_model_config(), "finetune", ops_impl="cuda")
 
 
 def test_bad_variant_stage_and_image_raise():
@@ -194,7 +199,7 @@ def test_tf_same_conv_transpose_matches_reference(size, kernel, stride):
       z, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   _, vjp = jax.vjp(fwd, jnp.zeros((2, size * stride, size * stride, 4)))
   np.testing.assert_allclose(y, vjp(jnp.asarray(x))[0], rtol=1e-5, atol=1e-5)
-  # jax's 'SAME' for conv_transpose pads the same way (spec §11 feared a one-pixel shift).
+  # jax's 'SAME' for conv_transpose pads the same way (docs/original.md §1.3).
   plain = nn.ConvTranspose(4, (kernel, kernel), (stride, stride), padding="SAME", transpose_kernel=True)
   np.testing.assert_allclose(plain.apply({"params": {"kernel": w, "bias": np.zeros(4, np.float32)}}, x), y,
                              rtol=1e-5, atol=1e-5)
@@ -255,9 +260,9 @@ def test_grid_codes_and_point_order():
 
 # --------------------------------------------------------------------------------------------- tiny models
 
-def _dense_level(config) -> DenseLevel:
-  """A standalone dense level configured as build_model(config, 'dense')'s levels."""
-  return build_model(config, "dense").level()
+def _dense_level(config, ops_impl="ffi") -> DenseLevel:
+  """A standalone dense level configured as build_dense(config)'s levels."""
+  return build_dense(config, ops_impl).level()
 
 
 def _tiny_dense(seed=0, **config_changes):
@@ -321,8 +326,7 @@ def test_ffi_and_jnp_backends_agree(variant):
              rng.standard_normal((B, 16, 323)).astype(np.float32)))
   results = []
   for impl in ("ffi", "jnp"):
-    config.ops_impl = impl
-    level = _dense_level(config)
+    level = _dense_level(config, impl)
     if impl == "ffi":
       variables = _random_variables(jax.eval_shape(functools.partial(level.init, train=False),
                                                    jax.random.key(0), *inputs))
@@ -337,7 +341,7 @@ def test_ffi_and_jnp_backends_agree(variant):
 @pytest.mark.slow  # one jit of the whole pipeline's gradient: ~40 s of XLA compile on a 2-core CPU
 def test_finetune_end_to_end_jit_and_grad():
   """image -> 64 -> 256 -> 1024 points under one jit; finite, non-zero gradients in both networks."""
-  from dpcr_jax.losses import compute_loss
+  from dpcr_jax.losses import finetune_loss
   from dpcr_jax.models import default_loss_config
   config = _tiny_config()
   model = build_model(config, "finetune")
@@ -350,7 +354,7 @@ def test_finetune_end_to_end_jit_and_grad():
     def loss_fn(p):
       outputs, state = model.apply({"params": p, "batch_stats": batch_stats}, batch, train=True,
                                    mutable=["batch_stats"])
-      loss, metrics = compute_loss("finetune", outputs, batch, p, loss_config, config.ops_impl)
+      loss, metrics = finetune_loss(outputs, batch, p, loss_config, "ffi")
       return loss, (metrics, state, outputs)
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 

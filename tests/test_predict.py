@@ -6,7 +6,7 @@ from PIL import Image
 import pytest
 
 import standins
-from dpcr_jax import predict, train, visualize
+from dpcr_jax import cloud_io, predict, visualize
 
 
 def _write_png(path, array):
@@ -29,8 +29,8 @@ def test_load_image_masks_pads_and_resizes(tmp_path):
 
 def test_ply_round_trip(tmp_path):
   pts = np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32)
-  predict.write_ply(str(tmp_path / "a.ply"), pts)
-  np.testing.assert_array_equal(predict.read_ply(str(tmp_path / "a.ply")), pts)
+  cloud_io.write_ply(str(tmp_path / "a.ply"), pts)
+  np.testing.assert_array_equal(cloud_io.read_ply(str(tmp_path / "a.ply")), pts)
 
 
 def test_render_points():
@@ -43,28 +43,25 @@ def test_render_points():
     visualize.render_points(np.zeros((5, 2)))
 
 
-def test_predict_folder_from_a_trained_run(tmp_path, monkeypatch):
-  standins.patch_training(monkeypatch.setattr)
-  import dpcr_jax.models  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(dpcr_jax.models, "build_model", standins.build_model)
+def test_predict_folder_from_a_trained_run(tmp_path):
   config = standins.tiny_config("finetune", str(tmp_path))
   config.num_train_steps, config.checkpoint_every = 2, 2
   run = str(tmp_path / "run")
-  train.train_and_evaluate(config, run)
+  standins.run_training(config, run)
 
   rng = np.random.default_rng(0)
   folder = tmp_path / "images"
   folder.mkdir()
   for name in ("a", "b", "c"):
     _write_png(folder / f"{name}.png", rng.integers(0, 255, size=(16, 12, 3), dtype=np.uint8))
-  predictor = predict.Predictor(run)
+  predictor = predict.Predictor(run, stage=standins.stage("finetune"))
   paths = predict.expand_paths(str(folder))
   written = predict.predict_files(predictor, paths, str(tmp_path / "out"), batch_size=2)
   assert [os.path.basename(w["ply"]) for w in written] == ["a.ply", "b.ply", "c.ply"]
   for w in written:
     cloud = np.load(w["npy"])
-    assert cloud.shape == (standins.N_SPARSE * 4, 3)
-    np.testing.assert_array_equal(predict.read_ply(w["ply"]), cloud)
+    assert cloud.shape == (standins.N_DENSE, 3)
+    np.testing.assert_array_equal(cloud_io.read_ply(w["ply"]), cloud)
     assert os.path.getsize(w["png"]) > 500
   # Same predictions with another batch size (padding does not change results).
   again = predict.predict_files(predictor, paths, str(tmp_path / "out2"), batch_size=4)
@@ -88,3 +85,15 @@ def test_run_config_of_an_older_run_gets_new_model_defaults(tmp_path):
     json.dump({"stage": "finetune", "model": model}, f)
   config = predict.load_run_config(str(tmp_path))
   assert config.model.dense.predict_offsets is False and config.model.dense.k == 7
+  assert config.ops_impl == "ffi"
+
+
+def test_run_config_from_before_ops_impl_moved(tmp_path):
+  """Runs saved with model.ops_impl and model.sparse_grid load with ops_impl at the top level."""
+  import json  # pylint: disable=g-import-not-at-top
+  from dpcr_jax.models import default_model_config  # pylint: disable=g-import-not-at-top
+  model = dict(default_model_config().to_dict(), ops_impl="jnp", sparse_grid=32)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"stage": "finetune", "model": model}, f)
+  config = predict.load_run_config(str(tmp_path))
+  assert config.ops_impl == "jnp" and "ops_impl" not in config.model and "sparse_grid" not in config.model

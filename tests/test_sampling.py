@@ -56,11 +56,11 @@ def test_prefix_property(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ties_go_to_the_lowest_index(impl):
   # Corners of a unit square, each twice: from 0 the farthest are 2 and 6 (tie -> 2); then 1/3/5/7 tie at
-  # the same distance (-> 1), then 3; after every distinct point is picked, all distances are 0 -> index 0.
+  # the same distance (-> 1), then 3; after every distinct point is picked, the lowest unpicked: 4, 5.
   square = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], np.float32)
   xyz = np.concatenate([square, square])
   idx = np.asarray(farthest_point_sample(xyz, 6, impl=impl))
-  np.testing.assert_array_equal(idx, [0, 2, 1, 3, 0, 0])
+  np.testing.assert_array_equal(idx, [0, 2, 1, 3, 4, 5])
   np.testing.assert_array_equal(idx, ref.farthest_point_sample(xyz, 6))
 
 
@@ -68,14 +68,16 @@ def test_ties_go_to_the_lowest_index(impl):
 def test_non_finite_points_give_defined_output(impl):
   xyz = _points(3, (3, 150, 3))
   xyz[0, 5] = np.nan
-  xyz[1, 0] = np.nan  # the first pick itself: nothing is ever updated, every pick is 0
+  xyz[1, 0] = np.nan  # the first pick itself: it lowers nothing, so the next pick is 1 (all still at +inf)
   xyz[2, 70] = np.inf
   xyz[2, 90, 1] = -np.inf
   idx = np.asarray(farthest_point_sample(xyz, 12, impl=impl))
   assert ((idx >= 0) & (idx < 150)).all()
   np.testing.assert_array_equal(idx, ref.farthest_point_sample(xyz, 12))
   assert idx[0, 1] == 5  # a NaN point keeps distance +inf: picked right after index 0
-  assert (idx[1] == 0).all()
+  assert idx[1, 0] == 0 and idx[1, 1] == 1
+  for row in idx:  # never the same point twice, whatever its coordinates
+    assert len(set(row.tolist())) == len(row)
 
 
 def test_vmap_and_batch_equivalence():

@@ -9,8 +9,8 @@ batched JAX op:
   no loop.
 * **Sharding under plain jit.** The call is wrapped in ``custom_partitioning`` whose rule keeps every batch
   dim's sharding and replicates the core dims, so with batch-sharded inputs each device runs the op on its
-  own shard (no all-gather); see tests/test_sharding.py.
-* **shard_map.** ``ffi_call`` forgets shard_map's varying-axes type (jax-ffi-notes §5): its outputs would
+  own shard (no all-gather); see tests/test_jax_transforms.py.
+* **shard_map.** ``ffi_call`` forgets shard_map's varying-axes type (docs/ops.md, "shard_map"): its outputs would
   be typed invariant, making gradients silently mesh-size times too large. The outputs are re-marked
   varying over the union of the operands' varying axes.
 
@@ -42,7 +42,7 @@ def registered_platforms() -> tuple[str, ...]:
       if platform == "cpu":
         raise ImportError(
             "xla_ops: the compiled extension _xla_ops_cpu is missing; install the package with "
-            "`pip install -e .` (it builds the C++ handlers)") from None
+            "`pip install ./xla_ops` or `pip install -e ./xla_ops` from the repository root (it builds the C++ handlers)") from None
       continue
     for name, capsule in module.registrations().items():
       jax.ffi.register_ffi_target(name, capsule, platform=platform)

@@ -1,7 +1,7 @@
 """Approximate Earth Mover's distance: ``approx_match``, ``match_cost`` and ``earth_mover_distance``.
 
 ``approx_match`` is the multi-scale soft-auction of the original GPU kernel (metric/tf_approxmatch_g.cu,
-spec/original-model.md §5.2): 10 rounds with level = -4^j for j = 7..-1 and level 0 in the last one; every
+docs/original.md §5): 10 rounds with level = -4^j for j = 7..-1 and level 0 in the last one; every
 xyz1 point has mass 1 and every xyz2 point mass floor(n/m) when n >= m (else floor(m/n) and 1). The result
 ``match [..., m, n]`` is a constant (no gradient), as in the original.
 
@@ -72,6 +72,15 @@ def _approx_match_jnp(xyz1, xyz2):
   return jnp.where(finite[..., None, None], match, jnp.nan)
 
 
+def _approx_match_workspace(n: int, m: int) -> int:
+  """float32 elements per example of approx_match's workspace output (used by the CUDA handler only, which
+  needs device memory it may not allocate inside a CUDA graph): remain/ratio of both sets, 2 (n + m), plus
+  the partial sums of its sums split into `slices` ranges of >= 128 points (at most 16), so that B = 32,
+  N = M = 1024 runs 8 slices = 1024 blocks (csrc/cuda/emd.cu derives `slices` from this size)."""
+  slices = max(1, min(16, min(n, m) // 128))
+  return 2 * (n + m) + slices * max(n, m)
+
+
 def _check_pair(xyz1, xyz2):
   _checks.check_points(xyz1, "xyz1")
   _checks.check_points(xyz2, "xyz2")
@@ -125,13 +134,18 @@ def approx_match(xyz1: jax.Array, xyz2: jax.Array, *, impl: str = "ffi") -> jax.
   """
   _checks.check_impl(impl)
   _check_pair(xyz1, xyz2)
+  dtype = _checks.out_dtype(xyz1, xyz2)
+  return _approx_match_f32(*_checks.to_f32(xyz1, xyz2), impl).astype(dtype)
+
+
+def _approx_match_f32(xyz1, xyz2, impl):
   _check_match_fits(xyz1, xyz2)
   xyz1, xyz2 = jax.lax.stop_gradient(xyz1), jax.lax.stop_gradient(xyz2)
   if impl == "jnp":
     return _approx_match_jnp(xyz1, xyz2)
   n, m = xyz1.shape[-2], xyz2.shape[-2]
-  (match,) = batched_call("xla_ops_approx_match", (xyz1, xyz2), core_ndims=(2, 2),
-                          out_core=(((m, n), jnp.float32),))
+  match, _ = batched_call("xla_ops_approx_match", (xyz1, xyz2), core_ndims=(2, 2),
+                           out_core=(((m, n), jnp.float32), ((_approx_match_workspace(n, m),), jnp.float32)))
   return match
 
 
@@ -145,8 +159,9 @@ def _match_cost_grad_jnp(xyz1, xyz2, match):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _match_cost(xyz1, xyz2, match, impl):
   if impl == "ffi":
-    (cost,) = batched_call("xla_ops_match_cost", (xyz1, xyz2, match), core_ndims=(2, 2, 2),
-                           out_core=(((), jnp.float32),))
+    m = xyz2.shape[-2]  # workspace: per-row costs [m] (CUDA handler only)
+    cost, _ = batched_call("xla_ops_match_cost", (xyz1, xyz2, match), core_ndims=(2, 2, 2),
+                           out_core=(((), jnp.float32), ((m,), jnp.float32)))
     return cost
   return jnp.sum(match * jnp.sqrt(_sq_dist_matrix(xyz1, xyz2)), axis=(-2, -1))
 
@@ -186,10 +201,11 @@ def match_cost(xyz1: jax.Array, xyz2: jax.Array, match: jax.Array, *, impl: str 
   _checks.check_impl(impl)
   _check_pair(xyz1, xyz2)
   want = tuple(xyz1.shape[:-2]) + (xyz2.shape[-2], xyz1.shape[-2])
-  if getattr(match, "dtype", None) != jnp.float32 or tuple(getattr(match, "shape", ())) != want:
-    raise ValueError(f"match must be float32 with shape [..., m, n] = {want}, got "
-                     f"{getattr(match, 'dtype', type(match))} {tuple(getattr(match, 'shape', ()))}")
-  return _match_cost(xyz1, xyz2, match, impl)
+  if tuple(getattr(match, "shape", ())) != want:
+    raise ValueError(f"match must have shape [..., m, n] = {want}, got {tuple(getattr(match, 'shape', ()))}")
+  _checks.check_float_dtype(match, "match")
+  dtype = _checks.out_dtype(xyz1, xyz2, match)
+  return _match_cost(*_checks.to_f32(xyz1, xyz2, match), impl).astype(dtype)
 
 
 def earth_mover_distance(xyz1: jax.Array, xyz2: jax.Array, *, impl: str = "ffi") -> jax.Array:
@@ -204,5 +220,9 @@ def earth_mover_distance(xyz1: jax.Array, xyz2: jax.Array, *, impl: str = "ffi")
   Returns:
     float32 [...].
   """
-  match = jax.lax.stop_gradient(approx_match(xyz1, xyz2, impl=impl))
-  return match_cost(xyz1, xyz2, match, impl=impl)
+  _checks.check_impl(impl)
+  _check_pair(xyz1, xyz2)
+  dtype = _checks.out_dtype(xyz1, xyz2)
+  xyz1, xyz2 = _checks.to_f32(xyz1, xyz2)  # the match stays float32 whatever the input dtype
+  match = jax.lax.stop_gradient(_approx_match_f32(xyz1, xyz2, impl))
+  return _match_cost(xyz1, xyz2, match, impl).astype(dtype)

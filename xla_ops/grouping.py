@@ -56,17 +56,28 @@ def _ball_query_one(q: jax.Array, xyz: jax.Array, r2: jax.Array, nsample: int):
   return jnp.where(jnp.arange(nsample) < count, idx, first), count
 
 
-def ball_query(xyz: jax.Array, new_xyz: jax.Array, radius: float, nsample: int, *, impl: str = "ffi"):
+PADDINGS = ("first", "-1")
+
+
+def ball_query(xyz: jax.Array, new_xyz: jax.Array, radius: float, nsample: int, *, return_dists: bool = False,
+               padding: str = "first", impl: str = "ffi"):
   """Points of ``xyz`` within ``radius`` of every point of ``new_xyz`` (the first ``nsample``, index order).
 
   Args:
     xyz: float32 [..., N, 3] searched points.
     new_xyz: float32 [..., M, 3] query centres, same batch shape.
     radius: ball radius > 0 (a point is inside when its squared distance is < radius**2 in float32).
-    nsample: slots per query, >= 1 (may exceed N: the extra slots repeat the first hit).
+    nsample: slots per query, >= 1 (may exceed N: the extra slots are padding).
+    return_dists: also return the squared distances of the slots.
+    padding: unfilled slots (beyond ``count``): "first" repeats the first hit (PointNet++; an empty ball
+      gives index 0), "-1" gives index -1 (PyTorch3D; note that ``group_points`` on CPU rejects -1: mask
+      with ``count`` or ``idx >= 0``).
     impl: "ffi" (custom call) or "jnp" (masked cumsum, query chunks).
   Returns:
-    (idx int32 [..., M, nsample], count int32 [..., M]). Not differentiable.
+    (idx int32 [..., M, nsample], count int32 [..., M]) and, with ``return_dists``, dist [..., M, nsample]:
+    ``|new_xyz - xyz[idx]|^2`` recomputed from the indices (differentiable w.r.t. both inputs, in the promoted
+    input dtype), 0 in padded slots with padding "-1" and in empty balls; with "first" the padded slots hold
+    the first hit's distance (they refer to that point). idx and count are not differentiable.
   """
   _checks.check_impl(impl)
   _checks.check_points(xyz, "xyz")
@@ -74,14 +85,27 @@ def ball_query(xyz: jax.Array, new_xyz: jax.Array, radius: float, nsample: int, 
   _checks.check_same_batch("xyz", xyz.shape[:-2], "new_xyz", new_xyz.shape[:-2])
   radius = _check_radius(radius)
   _checks.check_positive_int(nsample, "nsample")
-  xyz, new_xyz = jax.lax.stop_gradient(xyz), jax.lax.stop_gradient(new_xyz)
+  if padding not in PADDINGS:
+    raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+  dtype = _checks.out_dtype(xyz, new_xyz)
+  xyz, new_xyz = _checks.to_f32(xyz, new_xyz)
+  sx, sq = jax.lax.stop_gradient(xyz), jax.lax.stop_gradient(new_xyz)
   m = new_xyz.shape[-2]
   if impl == "ffi":
-    return batched_call("xla_ops_ball_query", (xyz, new_xyz), core_ndims=(2, 2),
-                        out_core=(((m, nsample), jnp.int32), ((m,), jnp.int32)),
-                        radius=np.float32(radius), nsample=np.int32(nsample))
-  r2 = jnp.float32(radius) * jnp.float32(radius)
-  return _jnp.map_queries(lambda q, p: _ball_query_one(q, p, r2, nsample), new_xyz, xyz, _QUERY_CHUNK)
+    idx, count = batched_call("xla_ops_ball_query", (sx, sq), core_ndims=(2, 2),
+                              out_core=(((m, nsample), jnp.int32), ((m,), jnp.int32)),
+                              radius=np.float32(radius), nsample=np.int32(nsample))
+  else:
+    r2 = jnp.float32(radius) * jnp.float32(radius)
+    idx, count = _jnp.map_queries(lambda q, p: _ball_query_one(q, p, r2, nsample), sq, sx, _QUERY_CHUNK)
+  real = jnp.arange(nsample, dtype=jnp.int32) < count[..., None]  # [..., M, nsample]
+  if not return_dists:
+    return (idx, count) if padding == "first" else (jnp.where(real, idx, -1), count)
+  # Distances from the indices, in jnp (O(M * nsample) gather): differentiable like knn's.
+  dist = jnp.sum((new_xyz[..., :, None, :] - _gather_jnp(xyz, idx)) ** 2, axis=-1)
+  if padding == "first":
+    return idx, count, jnp.where(count[..., None] > 0, dist, 0.0).astype(dtype)
+  return jnp.where(real, idx, -1), count, jnp.where(real, dist, 0.0).astype(dtype)
 
 
 # ---- group_points -----------------------------------------------------------------------------------
@@ -137,9 +161,10 @@ def group_points(points: jax.Array, idx: jax.Array, *, impl: str = "ffi") -> jax
   _checks.check_points(points, "points", channels=None)
   _checks.check_indices(idx, "idx", ndim_min=2)
   _checks.check_same_batch("points", points.shape[:-2], "idx", idx.shape[:-2])
-  if impl == "ffi":
-    return _group_points_ffi(points, idx)
-  return _gather_jnp(points, idx)
+  dtype = points.dtype
+  (points,) = _checks.to_f32(points)  # the kernels are float32; a gather is exact, so casting back is too
+  out = _group_points_ffi(points, idx) if impl == "ffi" else _gather_jnp(points, idx)
+  return out.astype(dtype)
 
 
 # ---- knn ----------------------------------------------------------------------------------------------
@@ -173,19 +198,23 @@ def _differentiable_knn_dist_jvp(primals, tangents):
   return dist, 2 * jnp.sum(diff * diff_dot, axis=-1)
 
 
-def knn(query: jax.Array, ref: jax.Array, k: int, *, impl: str = "ffi"):
+def knn(query: jax.Array, ref: jax.Array, k: int, *, return_sorted: bool = True, impl: str = "ffi"):
   """The k nearest points of ``ref`` to every point of ``query``.
 
   Args:
     query: float32 [..., M, C].
     ref: float32 [..., N, C], same batch shape and channel count C (any C >= 1).
     k: neighbours per query, 1 <= k <= N.
+    return_sorted: accepted for PyTorch3D compatibility (``knn_points(..., return_sorted=False)``); the
+      neighbours always come back sorted: both implementations produce them in order at no extra cost.
     impl: "ffi" (custom call) or "jnp" (lax.top_k on -distances, query chunks).
   Returns:
     (dist float32 [..., M, k] squared distances ascending (+inf for NaN ones), idx int32 [..., M, k]);
     ``dist`` is differentiable w.r.t. ``query`` and ``ref``.
   """
   _checks.check_impl(impl)
+  if not isinstance(return_sorted, bool):
+    raise TypeError(f"return_sorted must be a bool, got {type(return_sorted).__name__}")
   _checks.check_points(query, "query", channels=None, min_points=0)
   _checks.check_points(ref, "ref", channels=None)
   _checks.check_same_batch("query", query.shape[:-2], "ref", ref.shape[:-2])
@@ -193,6 +222,8 @@ def knn(query: jax.Array, ref: jax.Array, k: int, *, impl: str = "ffi"):
     raise ValueError(f"query and ref must have the same channel count, got query shape {query.shape} and "
                      f"ref shape {ref.shape}")
   _checks.check_positive_int(k, "k", upper=ref.shape[-2], upper_name="the number of ref points N")
+  dtype = _checks.out_dtype(query, ref)
+  query, ref = _checks.to_f32(query, ref)
   sq, sr = jax.lax.stop_gradient(query), jax.lax.stop_gradient(ref)
   if impl == "ffi":
     dist, idx = batched_call("xla_ops_knn", (sq, sr), core_ndims=(2, 2),
@@ -200,4 +231,4 @@ def knn(query: jax.Array, ref: jax.Array, k: int, *, impl: str = "ffi"):
                              k=np.int32(k))
   else:
     dist, idx = _jnp.map_queries(lambda q, p: _knn_one(q, p, k), sq, sr, _QUERY_CHUNK)
-  return _differentiable_knn_dist(query, ref, idx, dist), idx
+  return _differentiable_knn_dist(query, ref, idx, dist).astype(dtype), idx

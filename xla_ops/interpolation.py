@@ -55,6 +55,8 @@ def three_nn(unknown: jax.Array, known: jax.Array, *, impl: str = "ffi"):
   _checks.check_points(unknown, "unknown")
   _checks.check_points(known, "known")
   _checks.check_same_batch("unknown", unknown.shape[:-2], "known", known.shape[:-2])
+  dtype = _checks.out_dtype(unknown, known)
+  unknown, known = _checks.to_f32(unknown, known)
   su, sk = jax.lax.stop_gradient(unknown), jax.lax.stop_gradient(known)
   if impl == "ffi":
     n = unknown.shape[-2]
@@ -64,7 +66,7 @@ def three_nn(unknown: jax.Array, known: jax.Array, *, impl: str = "ffi"):
     idx = _three_nn_jnp(su, sk)
   dist = jnp.sum((unknown[..., :, None, :] - _gather(known, idx)) ** 2, axis=-1)
   valid = jnp.arange(3) < known.shape[-2]
-  return jnp.where(valid, dist, jnp.inf), idx
+  return jnp.where(valid, dist, jnp.inf).astype(dtype), idx
 
 
 def _scatter_features_jnp(grad_out, idx, weight, npoints):
@@ -132,7 +134,9 @@ def three_interpolate(features: jax.Array, idx: jax.Array, weight: jax.Array, *,
   if weight.shape != idx.shape:
     raise ValueError(f"weight must have the shape of idx {tuple(idx.shape)}, got {tuple(weight.shape)}")
   _checks.check_same_batch("features", features.shape[:-2], "idx", idx.shape[:-2])
-  return _three_interpolate(features, idx, weight, impl)
+  dtype = _checks.out_dtype(features, weight)
+  features, weight = _checks.to_f32(features, weight)
+  return _three_interpolate(features, idx, weight, impl).astype(dtype)
 
 
 def inverse_distance_weights(dist: jax.Array) -> jax.Array:
@@ -145,5 +149,7 @@ def inverse_distance_weights(dist: jax.Array) -> jax.Array:
   """
   if getattr(dist, "ndim", 0) < 1 or dist.shape[-1] != 3:
     raise ValueError(f"dist must have shape [..., n, 3], got {getattr(dist, 'shape', type(dist))}")
-  w = 1.0 / jnp.maximum(dist, 1e-10)
-  return w / jnp.sum(w, axis=-1, keepdims=True)
+  _checks.check_float_dtype(dist, "dist")
+  (d,) = _checks.to_f32(dist)  # 1e-10 is below float16's range: compute in float32
+  w = 1.0 / jnp.maximum(d, 1e-10)
+  return (w / jnp.sum(w, axis=-1, keepdims=True)).astype(dist.dtype)

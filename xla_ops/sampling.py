@@ -2,8 +2,10 @@
 
 The first pick is index 0; every point keeps its running minimum squared distance to the picked set
 (starting at +inf) and the next pick is the argmax, ties going to the lowest index. The output order has the
-prefix property: ``fps(P, 4096)[..., :1024] == fps(P, 1024)``. Once every distinct point is picked (inputs
-with duplicates, npoint close to N) all distances are 0 and the remaining picks are index 0.
+prefix property: ``fps(P, 4096)[..., :1024] == fps(P, 1024)``. A picked point is never picked again,
+whatever its coordinates: its distance is retired to -1. Once every distinct point is picked (inputs with
+duplicates, npoint close to N) the remaining distances are 0 and the picks continue with the lowest unpicked
+indices, so the output always holds npoint distinct indices (PyTorch3D's sample_farthest_points does the same).
 
 Differences from the original GPU kernel: its tree reduction breaks ties by thread id, not strictly by the
 lowest index, and its running distance starts at 1e38 instead of +inf; the picks agree whenever there are
@@ -11,7 +13,8 @@ no exact ties.
 
 NaN coordinates: a NaN distance never replaces a running minimum, so a NaN point keeps distance +inf and is
 picked as soon as no point with a larger distance remains (lowest NaN index first); if a picked point is
-NaN, that pass updates nothing. Every output index is in ``[0, N)``; no error is raised.
+NaN, that pass updates nothing (the next pick is the lowest unpicked index still at +inf). Every output
+index is in ``[0, N)`` and distinct; no error is raised.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ def _fps_jnp(xyz: jax.Array, npoint: int) -> jax.Array:
 
   def body(t, state):
     dist, idx = state
+    dist = dist.at[idx[t - 1]].set(-1.0)  # a picked point is never picked again
     c = xyz[idx[t - 1]]
     dx, dy, dz = x - c[0], y - c[1], z - c[2]
     d = dx * dx + dy * dy + dz * dz
@@ -40,23 +44,45 @@ def _fps_jnp(xyz: jax.Array, npoint: int) -> jax.Array:
   return jax.lax.fori_loop(1, npoint, body, (dist0, idx0))[1]
 
 
-def farthest_point_sample(xyz: jax.Array, npoint: int, *, impl: str = "ffi") -> jax.Array:
-  """Farthest point sampling from index 0.
+def farthest_point_sample(xyz: jax.Array, npoint: int, *, key: jax.Array | None = None,
+                          start: jax.Array | None = None, impl: str = "ffi") -> jax.Array:
+  """Farthest point sampling, from index 0 unless a random (``key``) or given (``start``) first point.
 
   Args:
-    xyz: float32 [..., N, 3].
+    xyz: float32 [..., N, 3] (float16 / bfloat16 are computed in float32).
     npoint: number of points to pick, 1 <= npoint <= N (a Python int).
+    key: optional PRNG key: each example starts at its own uniformly drawn index (PyTorch3D's
+      ``random_start_point=True``, torch-cluster's ``random_start=True``).
+    start: optional int32 [...] first index of each example (taken modulo N). At most one of key / start.
     impl: "ffi" (custom call; examples run in parallel, each on one thread) or "jnp" (lax.fori_loop).
   Returns:
-    int32 [..., npoint] indices into the N points. Not differentiable (xyz is stop-gradient'ed).
+    int32 [..., npoint] indices into the N points, ``[..., 0] == start``. Not differentiable (xyz is
+    stop-gradient'ed). With a start s, ties go to the first index in the cyclic order s, s+1, ..., s-1
+    (index order for s = 0).
   """
   _checks.check_impl(impl)
   _checks.check_points(xyz, "xyz")
   _checks.check_positive_int(npoint, "npoint", upper=xyz.shape[-2], upper_name="the number of points N")
-  xyz = jax.lax.stop_gradient(xyz)
+  (xyz,) = _checks.to_f32(jax.lax.stop_gradient(xyz))
+  batch, n = xyz.shape[:-2], xyz.shape[-2]
+  if key is not None and start is not None:
+    raise ValueError("give at most one of key and start")
+  if key is not None:
+    start = jax.random.randint(key, batch, 0, n, dtype=jnp.int32)
+  if start is not None:
+    if getattr(start, "dtype", None) != jnp.int32 or tuple(start.shape) != batch:
+      raise ValueError(f"start must be int32 with the batch shape {batch}, got "
+                       f"{getattr(start, 'dtype', type(start))} {tuple(getattr(start, 'shape', ()))}")
+    # FPS from s on P == FPS from 0 on P rolled by -s, indices shifted back: no kernel change needed, and the
+    # rolled order makes ties go to the first index after s (cyclically).
+    start = jnp.asarray(start) % n
+    order = (jnp.arange(n, dtype=jnp.int32) + start[..., None]) % n  # [..., N]
+    rolled = jnp.take_along_axis(xyz, order[..., None], axis=-2)
+    return (farthest_point_sample(rolled, npoint, impl=impl) + start[..., None]) % n
   if impl == "ffi":
-    (idx,) = batched_call("xla_ops_farthest_point_sample", (xyz,), core_ndims=(2,),
-                          out_core=(((npoint,), jnp.int32),), npoint=np.int32(npoint))
+    n = xyz.shape[-2]  # workspace: running minimum distances [n] (CUDA handler only)
+    idx, _ = batched_call("xla_ops_farthest_point_sample", (xyz,), core_ndims=(2,),
+                          out_core=(((npoint,), jnp.int32), ((n,), jnp.float32)), npoint=np.int32(npoint))
     return idx
   batch = xyz.shape[:-2]
   flat = xyz.reshape((-1,) + xyz.shape[-2:])

@@ -1,24 +1,8 @@
-"""Data: ShapeNet-like synthetic generation and loaders for the real on-disk formats (docs/data.md).
+"""Training and evaluation data: loaders for the real on-disk formats and the grain input pipeline (docs/data.md).
 
-The pipeline names are imported lazily, so that generator worker processes (which import
-dpcr_jax.data.synthetic) do not pay for grain/jax imports.
+The offline synthetic generator that writes those formats is a separate package, dpcr_jax/synth/.
 """
-import importlib
-
 from dpcr_jax.data.categories import CATEGORIES
+from dpcr_jax.data.pipeline import default_data_config, make_dataset, make_iterator, make_source
 
-_LAZY = {
-    "default_data_config": "dpcr_jax.data.pipeline",
-    "make_dataset": "dpcr_jax.data.pipeline",
-    "make_iterator": "dpcr_jax.data.pipeline",
-    "make_source": "dpcr_jax.data.pipeline",
-    "generate_synthetic": "dpcr_jax.data.synthetic",
-}
-
-__all__ = ["CATEGORIES", *_LAZY]
-
-
-def __getattr__(name):
-  if name in _LAZY:
-    return getattr(importlib.import_module(_LAZY[name]), name)
-  raise AttributeError(f"module 'dpcr_jax.data' has no attribute {name!r}")
+__all__ = ["CATEGORIES", "default_data_config", "make_dataset", "make_iterator", "make_source"]

@@ -1,4 +1,4 @@
-"""AttentionDPCR per-category HDF5 files (spec original-model §6.1).
+"""AttentionDPCR per-category HDF5 files (docs/original.md §6.1).
 
   <root>/{train,test}/image_<H>_<W>_12/<syn>.h5   dataset 'image' uint8 [N*12,H,W,3] (black background)
   <root>/{train,test}/point_<P>_12/<syn>.h5       dataset 'point' float32 [N*12,P,3] (camera frame)

@@ -1,4 +1,4 @@
-"""Look-at camera shared by every dataset (spec data-formats §1.2).
+"""Look-at camera shared by every dataset (docs/original.md §6.3).
 
 World = ShapeNet OBJ frame (+Y up, front +X). The camera sits at
 d (cos el cos az, sin el, cos el sin az), looks at the origin with up +Y, and looks down its -Z axis

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 from PIL import Image
+import trimesh
 
 
 class DataError(ValueError):
@@ -59,3 +60,12 @@ def composite(rgba: np.ndarray, background: float) -> np.ndarray:
   alpha = rgba[..., 3:4].astype(np.float32) / 255.0
   rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * background * (1.0 - alpha)
   return np.round(rgb).astype(np.uint8)
+
+
+def read_obj(path) -> tuple[np.ndarray, np.ndarray]:
+  """Loads an OBJ (any polygons; materials ignored, groups merged) as triangles: (vertices [V,3] float64,
+  faces [F,3] int64)."""
+  mesh = trimesh.load(path, force="mesh", process=False)
+  if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+    raise ValueError(f"{path}: no triangles found")
+  return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)

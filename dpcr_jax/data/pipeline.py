@@ -1,8 +1,10 @@
 """Input pipeline on grain: config, dataset construction, and a checkpointable batch iterator.
 
-Epoch semantics: each process sees `per_process = len(dataset) // process_count` examples (a strided shard,
-so every host has the same number of steps); each epoch visits them in a fresh order drawn from `seed` and
-the epoch number (grain's index shuffle); with drop_remainder the last partial batch of every epoch is
+Epoch and sharding semantics: every epoch is one permutation of the whole dataset, drawn from `seed` and the
+epoch number (grain's index shuffle) and the same on every process; it is cut into global batches of
+`batch_size`, and process p of n reads rows [p * batch_size / n, (p + 1) * batch_size / n) of each one. So the
+processes of a multi-host run read disjoint shards of every epoch, and together exactly the global batches a
+single process would read with the same seed. With drop_remainder the last partial batch of every epoch is
 dropped, so batches never mix two epochs. The iterator is grain's DatasetIterator: get_state() is a small
 dict ({'next_index': k}) to store in a checkpoint, and set_state() resumes mid-epoch with identical batches.
 """
@@ -42,7 +44,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     num_workers: reader threads (each builds whole batches); 2 suits a 2-core machine.
     prefetch: batches buffered ahead of the consumer.
     with_model_id: add 'model_id' (numpy str array) to batches.
-    shard_by_process: split examples across jax processes (multi-host).
+    shard_by_process: each jax process reads its own rows of every global batch (multi-host; see the
+      module doc); False: every process reads whole global batches (single-process tools).
     r2n2_split_file: model-list JSON ('' = <root>/splits/{train,val}_models.json); the real lists are in
       ../shared/data/shapenet-splits.
     r2n2_background: grey level under transparent pixels (0 black = AttentionDPCR look, 1 white = R2N2).
@@ -156,39 +159,57 @@ def _process_shard(shard_by_process: bool) -> tuple[int, int]:
 
 def make_iterator(config, split: str, batch_size: int, seed: int, shuffle: bool | None = None,
                   num_epochs: int | None = None, drop_remainder: bool = True) -> grain.DatasetIterator:
-  """Checkpointable iterator of numpy batch dicts.
+  """Checkpointable iterator of numpy batch dicts: this process's rows of each global batch.
 
-  Batches: image [B,H,W,3] f32 in [0,1]; points_sparse [B,n_sparse,3], points_mid [B,n_mid,3] (if n_mid),
-  points_dense [B,n_dense,3] f32; category [B] int32; view [B] int32; model_id [B] str (with_model_id).
+  Batches: image [b,H,W,3] f32 in [0,1]; points_sparse [b,n_sparse,3], points_mid [b,n_mid,3] (if n_mid),
+  points_dense [b,n_dense,3] f32; category [b] int32; view [b] int32; model_id [b] str (with_model_id),
+  where b = batch_size / process count (config.shard_by_process) or batch_size.
   Args:
+    batch_size: the GLOBAL batch size (over all processes).
     shuffle: None = config.shuffle.
     num_epochs: None = repeat forever.
     drop_remainder: drop the last partial batch of each epoch (else each epoch ends with a smaller batch).
   """
+  shard_index, shard_count = _process_shard(config.shard_by_process)
+  return batch_iterator(make_dataset(config, split), batch_size, seed,
+                        shuffle=config.shuffle if shuffle is None else shuffle, num_epochs=num_epochs,
+                        drop_remainder=drop_remainder, shard_index=shard_index, shard_count=shard_count,
+                        num_threads=config.num_workers, prefetch=config.prefetch, name=split)
+
+
+def batch_iterator(examples, batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
+                   drop_remainder: bool = True, shard_index: int = 0, shard_count: int = 1, num_threads: int = 2,
+                   prefetch: int = 2, name: str = "dataset") -> grain.DatasetIterator:
+  """The batching and sharding of make_iterator over any random-access ``examples`` (len, getitem -> dict).
+
+  Global batch g of epoch e holds positions [g * batch_size, (g + 1) * batch_size) of epoch e's permutation
+  (identity when not shuffling); shard s of n yields the s-th contiguous 1/n of those rows.
+  """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  shuffle = config.shuffle if shuffle is None else shuffle
-  examples = make_dataset(config, split)
-  process, count = _process_shard(config.shard_by_process)
-  per_process = len(examples) // count
-  if per_process == 0:
-    raise ValueError(f"{split}: {len(examples)} examples cannot be sharded over {count} processes")
-  batches_per_epoch = per_process // batch_size if drop_remainder else -(-per_process // batch_size)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index must be in [0, shard_count={shard_count}), got {shard_index}")
+  if batch_size % shard_count:
+    raise ValueError(f"batch_size={batch_size} must be divisible by the number of shards (processes) {shard_count}")
+  if shard_count > 1 and not drop_remainder:
+    raise ValueError("drop_remainder=False needs a single shard: a partial last batch cannot be split evenly")
+  num_examples = len(examples)
+  batches_per_epoch = num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
   if batches_per_epoch == 0:
-    raise ValueError(f"{split}: {per_process} examples per process < batch_size {batch_size} "
-                     "with drop_remainder=True")
-  order = grain.MapDataset.range(per_process)
+    raise ValueError(f"{name}: {num_examples} examples < batch_size {batch_size} with drop_remainder=True")
+  local = batch_size // shard_count
+  order = grain.MapDataset.range(num_examples)
   if shuffle:
-    order = order.shuffle(seed % 2**32)  # order[e * per_process + j] = position j of epoch e's permutation
+    order = order.shuffle(seed % 2**32)  # order[e * num_examples + j] = position j of epoch e's permutation
 
   def load_batch(step, _):
     epoch, b = divmod(step, batches_per_epoch)
-    positions = range(b * batch_size, min((b + 1) * batch_size, per_process))
-    locals_ = [order[epoch * per_process + j] for j in positions]
-    return _stack([examples[process + count * int(i)] for i in locals_])
+    start = b * batch_size + shard_index * local
+    positions = range(start, min(start + local, num_examples))
+    return _stack([examples[int(order[epoch * num_examples + j])] for j in positions])
 
   ds = grain.MapDataset.range(batches_per_epoch).repeat(num_epochs).map_with_index(load_batch)
-  options = grain.ReadOptions(num_threads=max(config.num_workers, 1), prefetch_buffer_size=max(config.prefetch, 1))
+  options = grain.ReadOptions(num_threads=max(num_threads, 1), prefetch_buffer_size=max(prefetch, 1))
   return iter(ds.to_iter_dataset(options))
 
 

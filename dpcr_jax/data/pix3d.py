@@ -1,4 +1,4 @@
-"""Pix3D (Sun et al. 2018) real photos with aligned CAD models (spec data-formats §4).
+"""Pix3D (Sun et al. 2018) real photos with aligned CAD models (docs/original.md §10).
 
   <root>/pix3d.json                       list of dicts: img, mask, category, bbox [x0,y0,x1,y1], model,
                                           truncated, occluded, slightly_occluded, rot_mat, cam_position, ...
@@ -19,8 +19,7 @@ from PIL import Image
 from dpcr_jax.data import camera
 from dpcr_jax.data import categories
 from dpcr_jax.data import sampling
-from dpcr_jax.data import shapes
-from dpcr_jax.data.common import DataError, SkipLog, read_json
+from dpcr_jax.data.common import DataError, SkipLog, read_json, read_obj
 
 PIX3D_CATEGORIES = ("chair", "sofa", "table")
 
@@ -94,7 +93,7 @@ class Pix3DSource:
         return self._points[model]
     path = os.path.join(self.root, model)
     try:
-      vertices, faces = shapes.read_obj(path)
+      vertices, faces = read_obj(path)
     except Exception as e:  # pylint: disable=broad-except
       raise DataError(f"pix3d: cannot load model {path}: {e}") from e
     rng = np.random.default_rng(zlib.crc32(model.encode()))

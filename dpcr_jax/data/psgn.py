@@ -1,4 +1,4 @@
-"""PSGN (Fan et al. 2017) training batches of real ShapeNet renders + 16k GT points (spec data-formats §2.4).
+"""PSGN (Fan et al. 2017) training batches of real ShapeNet renders + 16k GT points (docs/original.md §10).
 
 Each batch_NN.zlib is a raw zlib stream of 32 samples: color uint8 [32,192,256,3] (textured, grey
 background), depth uint16 [32,192,256] (0 = background), rotmat f32 [32,3,3], ptcloud uint8 [32,16384,3],

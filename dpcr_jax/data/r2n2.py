@@ -1,4 +1,4 @@
-"""3D-R2N2 ShapeNetRendering images + 3D-LMNet/DensePCR ShapeNet_pointclouds (spec data-formats §1.1, §2.1).
+"""3D-R2N2 ShapeNetRendering images + 3D-LMNet/DensePCR ShapeNet_pointclouds (docs/original.md §10).
 
   <root>/ShapeNetRendering/<syn>/<id>/rendering/{00..23}.png, rendering_metadata.txt (az el inplane ratio fov)
   <root>/ShapeNet_pointclouds/<syn>/<id>/pointcloud_{1024,4096,16k}.npy   canonical object frame
@@ -14,9 +14,13 @@ from PIL import Image
 from dpcr_jax.data import camera
 from dpcr_jax.data import categories
 from dpcr_jax.data.common import DataError, SkipLog, composite, read_json, to_float_image
-from dpcr_jax.data.synthetic import pointcloud_filename
 
 SPLIT_FILES = {"train": "train_models.json", "val": "val_models.json", "test": "val_models.json"}
+
+
+def pointcloud_filename(n: int) -> str:
+  """3D-LMNet/DensePCR naming: pointcloud_16k.npy for 16384 points, pointcloud_<n>.npy otherwise."""
+  return "pointcloud_16k.npy" if n == 16384 else f"pointcloud_{n}.npy"
 
 
 def read_split_file(path: str) -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""Stage 2, the dense network ``pu_dense_dgcnn``: points [B, N, 3] -> [B, 4N, 3] -> [B, 16N, 3] (spec §2).
+"""Stage 2, the dense network ``pu_dense_dgcnn``: points [B, N, 3] -> [B, 4N, 3] -> [B, 16N, 3] (docs/original.md §2).
 
 Each level (``level_1``, ``level_2``; no weight sharing) builds a per-point feature
 concat[xyz (3), global PointNet feature (64), local feature (256)] = 323 channels, adds 0.2 x the
@@ -55,7 +55,7 @@ class TflearnMLP(nn.Module):
 
 
 class EdgeConvFeature(nn.Module):
-  """Dynamic-graph EdgeConv local feature (DGCNN part of spec §2.2): points [B, N, 3] -> [B, N, agg].
+  """Dynamic-graph EdgeConv local feature (DGCNN part of docs/original.md §2.2): points [B, N, 3] -> [B, N, agg].
 
   Three EdgeConvs (scopes dgcnn1, dgcnn2, dgcnn4 as in the original), each with its kNN (self included)
   recomputed in the previous layer's feature space, edge feature [x_i, x_j - x_i], PuConv, max over the
@@ -105,7 +105,7 @@ def expand_with_grid(features: jax.Array, upsample: int, scale: float) -> jax.Ar
 
 class DenseLevel(nn.Module):
   """One x``upsample`` level: points [B, N, 3] (+ previous level's points and feature) ->
-  (points [B, upsample*N, 3], concat feature [B, N, 3 + global + local]) (spec §2.2)."""
+  (points [B, upsample*N, 3], concat feature [B, N, 3 + global + local]) (docs/original.md §2.2)."""
   local_feature: Callable[..., nn.Module]  # e.g. functools.partial(EdgeConvFeature, k=20): [B,N,3] -> [B,N,C]
   upsample: int = 4
   skip_weight: float = 0.2

@@ -1,4 +1,4 @@
-"""Stage 3: the sparse and dense networks joined end to end (spec §3), no stop-gradient between them."""
+"""Stage 3: the sparse and dense networks joined end to end (docs/original.md §3), no stop-gradient between them."""
 from __future__ import annotations
 
 import flax.linen as nn

@@ -1,8 +1,8 @@
 """Layers shared by the sparse and dense networks, matching the original TF 1.4 / tflearn layers.
 
 - ``uniform_scaling``: tflearn's default initializer, U(-sqrt(3/fan_in), +sqrt(3/fan_in)) with
-  fan_in = product of all kernel dims but the last (spec §1.3).
-- ``BatchNorm``: one batch norm that covers the three flavours of the original (spec §1.4, §2.2, §2.3):
+  fan_in = product of all kernel dims but the last (docs/original.md §1.3).
+- ``BatchNorm``: one batch norm that covers the three flavours of the original (docs/original.md §1.4, §2.2, §2.3):
   the hand-written residual-block BN (eps 1e-3, EMA decay 0.5), ``pu_util.batch_norm_template``
   (eps 1e-3, decay 0.9) and tflearn's ``batch_normalization`` whose statistics never update (a
   learnable affine over fixed 0/1 statistics).
@@ -41,7 +41,7 @@ class BatchNorm(nn.Module):
     momentum: EMA decay: ``ra = momentum * ra + (1 - momentum) * batch_stat`` (TF ``decay``).
     epsilon: added to the variance.
     scale_init: initializer of gamma (beta starts at 0).
-    frozen_stats: tflearn's never-trained BN (spec §2.3): always normalise with mean 0, variance 1
+    frozen_stats: tflearn's never-trained BN (docs/original.md §2.3): always normalise with mean 0, variance 1
       (``y = gamma * x / sqrt(1 + eps) + beta``), in training too; no batch_stats variables.
     zero_init_stats: start the EMA of mean *and* variance at 0, as TF's ``ExponentialMovingAverage`` on a
       tensor does (no zero-debias). False: mean 0, variance 1 (flax's default).
@@ -78,7 +78,7 @@ class BatchNorm(nn.Module):
 def tflearn_batch_norm(frozen: bool, name: str | None = None) -> BatchNorm:
   """tflearn ``batch_normalization`` defaults (eps 1e-5, decay 0.9, gamma ~ N(1, 0.002)).
 
-  frozen=True is what the original actually ran (spec §2.3); False is a real BN (a deviation).
+  frozen=True is what the original actually ran (docs/original.md §2.3); False is a real BN (a deviation).
   """
   return BatchNorm(momentum=0.9, epsilon=1e-5, scale_init=tflearn_gamma_init, frozen_stats=frozen, name=name)
 
@@ -105,7 +105,7 @@ def tf_conv_transpose(features: int, kernel_size: int, stride: int, name: str | 
   (flax ``transpose_kernel=True``: spatially flipped, in/out swapped), so tflearn's uniform_scaling
   fan_in is k*k*out exactly as in the original. The padding is explicit so that the TF semantics are
   visible and tested (tests/test_models.py checks it against a scatter reference of TF's op); jax's own
-  ``conv_transpose(padding='SAME')`` computes the same padding, so spec §11's one-pixel-shift worry does
+  ``conv_transpose(padding='SAME')`` computes the same padding, so the one-pixel shift one might fear (docs/original.md §1.3) does
   not apply to it.
   """
   pad = tf_same_transpose_padding(kernel_size, stride)

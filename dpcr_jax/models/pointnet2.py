@@ -1,6 +1,6 @@
 """A PointNet++ / PU-Net-style local feature, the config alternative to EdgeConv in the dense levels.
 
-Not in the original's live path (it only imports pointnet_util, spec §2.1, §5.6); this is our variant so
+Not in the original's live path (it only imports pointnet_util, docs/original.md §2.1); this is our variant so
 that every xla_ops op has a real user: set abstraction = farthest point sampling + ball query +
 group_points + shared MLP + max pool; feature propagation = three_nn + inverse_distance_weights +
 three_interpolate + shared MLP, back up to every input point; then a PuConv to ``agg_channels``.

@@ -1,4 +1,4 @@
-"""Stage 1, the sparse network: image [B, S, S, 3] -> points [B, (S/8)^2, 3] (spec §1).
+"""Stage 1, the sparse network: image [B, S, S, 3] -> points [B, (S/8)^2, 3] (docs/original.md §1).
 
 Residual-attention encoder (tf.layers convs: Glorot-uniform kernels, zero biases, linear) and a tflearn
 conv / transposed-conv decoder with U-Net skips from the three pooled encoder maps (uniform_scaling
@@ -60,7 +60,7 @@ class ResidualBlock(nn.Module):
 
 
 class AttentionModule(nn.Module):
-  """Residual attention module (p=1, t=2, r=1), spatial size and channels preserved (spec §1.1).
+  """Residual attention module (p=1, t=2, r=1), spatial size and channels preserved (docs/original.md §1.1).
 
   out = RB((1 + M) * T) with trunk T = RB(RB(u)), u = RB(x), and the soft mask M from a two-level
   max-pool / nearest-upsample hourglass on u ending in two 1x1 convs and a sigmoid.
@@ -89,7 +89,7 @@ class AttentionModule(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Linear stem, three attention stages, three residual blocks (spec §1.2).
+  """Linear stem, three attention stages, three residual blocks (docs/original.md §1.2).
 
   Returns (features [B, S/32, S/32, 512w], x1 [B, S/8, S/8, 128w], x2 [B, S/16, ., 256w], x3 [B, S/32, ., 512w]).
   """
@@ -116,7 +116,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """tflearn decoder (spec §1.3); its convs are exactly the 11 L2-decayed tflearn layers.
+  """tflearn decoder (docs/original.md §1.3); its convs are exactly the 11 L2-decayed tflearn layers.
 
   For an S x S image: features and x3 [B, S/32, S/32, .], x2 [B, S/16, ...], x1 [B, S/8, ...] ->
   points [B, (S/8)^2, 3] with point index = (S/8) * row + col. conv_1 (5x5/2) goes to S/64, then three
@@ -156,5 +156,5 @@ class SparseNet(nn.Module):
 
 
 def decoder_kernels(sparse_params) -> list[jax.Array]:
-  """The 11 tflearn decoder kernels (the only L2-regularised weights, spec §4.1) of SparseNet params."""
+  """The 11 tflearn decoder kernels (the only L2-regularised weights, docs/original.md §4.1) of SparseNet params."""
   return [layer["kernel"] for layer in sparse_params["decoder"].values()]

@@ -38,11 +38,91 @@ def nn_distance(a: np.ndarray, b: np.ndarray):
   return out
 
 
-def chamfer_distance(a, b, weight_ab: float = 1.0, weight_ba: float = 1.0, reduction: str = "mean"):
-  """``weight_ab * mean_i d(a_i, b) + weight_ba * mean_j d(b_j, a)`` per example [...] (float64), or its mean."""
-  d_ab, _, d_ba, _ = nn_distance(a, b)
-  per_example = weight_ab * d_ab.astype(np.float64).mean(-1) + weight_ba * d_ba.astype(np.float64).mean(-1)
-  return per_example.mean() if reduction == "mean" else per_example
+def _pair_sq_dist(x, y, idx):
+  """float64 squared distances of x [..., N, 3] to y[idx] [..., N, 3]."""
+  y_idx = np.take_along_axis(y.astype(np.float64), idx[..., None].astype(np.int64), axis=-2)
+  return np.sum((x.astype(np.float64) - y_idx) ** 2, axis=-1)
+
+
+def chamfer_distance(a, b, weight_ab: float = 1.0, weight_ba: float = 1.0, reduction: str = "mean", *,
+                     point_reduction: str = "mean", single_directional: bool = False, squared: bool = True,
+                     weights=None):
+  """The Chamfer distance with xla_ops.chamfer_distance's options, in float64 from the float32 nearest pairs.
+
+  Defaults: ``weight_ab * mean_i d(a_i, b) + weight_ba * mean_j d(b_j, a)`` per example [...], or its mean.
+  """
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  _, idx_ab, _, idx_ba = nn_distance(a, b)
+  f_ab, f_ba = _pair_sq_dist(a, b, idx_ab), _pair_sq_dist(b, a, idx_ba)
+  if not squared:
+    f_ab, f_ba = np.sqrt(f_ab), np.sqrt(f_ba)
+  w = None if weights is None else np.asarray(weights, np.float64)
+  if point_reduction == "none":
+    out_ab = weight_ab * f_ab * (1.0 if w is None else w[..., None])
+    out_ba = weight_ba * f_ba * (1.0 if w is None else w[..., None])
+    return out_ab if single_directional else (out_ab, out_ba)
+  reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[point_reduction]
+  r_ab, r_ba = weight_ab * reduce(f_ab, axis=-1), weight_ba * reduce(f_ba, axis=-1)
+  if single_directional:
+    per_example = r_ab
+  elif point_reduction == "max":
+    per_example = np.maximum(r_ab, r_ba)
+  else:
+    per_example = r_ab + r_ba
+  if w is not None:
+    per_example = per_example * w
+  if reduction == "none":
+    return per_example
+  if reduction == "sum":
+    return per_example.sum()
+  if w is None:
+    return per_example.mean()
+  return per_example.sum() / w.sum() if w.sum() != 0 else 0.0
+
+
+def chamfer_distance_options_grad(a, b, weight_ab: float = 1.0, weight_ba: float = 1.0, reduction: str = "mean",
+                                  *, point_reduction: str = "mean", single_directional: bool = False,
+                                  squared: bool = True, weights=None):
+  """Gradient w.r.t. (a, b) of ``chamfer_distance(...)`` with the same options (float64, analytic).
+
+  reduction "none" / point_reduction "none": the gradient of the sum of the outputs. With the nearest pairs
+  fixed, each term is ``c * g(e)`` with ``e = |x - y|^2``, ``g(e) = e`` (squared) or ``sqrt(e)`` (0 slope at
+  e = 0), contributing ``c * g'(e) * 2 (x - y)`` to x and the negative to y; "max" picks the first largest
+  point (and direction) only (tests avoid ties).
+  """
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  _, idx_ab, _, idx_ba = nn_distance(a, b)
+  a64, b64 = a.astype(np.float64), b.astype(np.float64)
+  e_ab, e_ba = _pair_sq_dist(a, b, idx_ab), _pair_sq_dist(b, a, idx_ba)
+  f_ab, f_ba = (e_ab, e_ba) if squared else (np.sqrt(e_ab), np.sqrt(e_ba))
+  batch = a.shape[:-2]
+  w = np.ones(batch) if weights is None else np.asarray(weights, np.float64)
+  if reduction == "mean":
+    example_coef = w / (w.sum() if weights is not None else w.size) if (weights is None or w.sum() != 0) else 0 * w
+  else:
+    example_coef = w
+  grad_a, grad_b = np.zeros_like(a64), np.zeros_like(b64)
+  for i in np.ndindex(*batch):
+    coefs = []
+    for f, weight in ((f_ab[i], weight_ab), (f_ba[i], weight_ba)):
+      if point_reduction in ("mean", "none", "sum"):
+        c = np.full(f.shape, weight / (len(f) if point_reduction == "mean" else 1.0))
+      else:
+        c = np.zeros(f.shape)
+        c[np.argmax(f)] = weight
+      coefs.append(c)
+    if single_directional:
+      coefs[1] = 0 * coefs[1]
+    elif point_reduction == "max":
+      keep = 0 if weight_ab * f_ab[i].max() >= weight_ba * f_ba[i].max() else 1
+      coefs[1 - keep] = 0 * coefs[1 - keep]
+    for (x, y, gx, gy, idx, e), c in zip(((a64[i], b64[i], grad_a[i], grad_b[i], idx_ab[i], e_ab[i]),
+                                         (b64[i], a64[i], grad_b[i], grad_a[i], idx_ba[i], e_ba[i])), coefs):
+      slope = np.ones_like(e) if squared else np.where(e > 0, 0.5 / np.sqrt(np.where(e > 0, e, 1.0)), 0.0)
+      g = (example_coef[i] * c * slope * 2.0)[:, None] * (x - y[idx])
+      gx += g
+      np.add.at(gy, idx, -g)
+  return grad_a, grad_b
 
 
 def chamfer_distance_grad(a, b, weight_ab: float = 1.0, weight_ba: float = 1.0):

@@ -1,7 +1,7 @@
 """numpy references for approx_match, match_cost and its gradient (one example, float64).
 
 approx_match follows the GPU kernel of the original (metric/tf_approxmatch_g.cu) as described in
-spec/original-model.md §5.2, written here over the dense [m, n] matrices: 10 rounds, level = -4^j for
+docs/original.md §5, written here over the dense [m, n] matrices: 10 rounds, level = -4^j for
 j = 7..-1 and 0 in the last round; masses 1 and floor(n/m) (or floor(m/n) and 1).
 """
 from __future__ import annotations

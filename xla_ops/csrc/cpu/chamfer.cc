@@ -26,6 +26,7 @@
 #include <mutex>
 
 #include "common.h"
+#include "distance.h"
 
 namespace xla_ops {
 namespace {
@@ -40,9 +41,9 @@ constexpr int32_t kLeafSize = 8;
 constexpr float kBoundShrink = 1.0f - 1.0f / (1 << 20);
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+// distance.h's SqDist3: the same bits as the CUDA kernels.
 inline float SqDist(float x0, float y0, float z0, float x1, float y1, float z1) {
-  const float dx = x0 - x1, dy = y0 - y1, dz = z0 - z1;
-  return dx * dx + dy * dy + dz * dz;
+  return SqDist3(x0, y0, z0, x1, y1, z1);
 }
 
 inline bool IsFinite3(const float* p) {

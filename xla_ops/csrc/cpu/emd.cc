@@ -465,8 +465,9 @@ ffi::Error CheckPair(const char* op, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, P
   return ffi::Error::Success();
 }
 
+// `workspace` is used by the CUDA handler only (cuda/emd.cu); both platforms share the call signature.
 ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2,
-                           ffi::Result<ffi::AnyBuffer> match) {
+                           ffi::Result<ffi::AnyBuffer> match, ffi::Result<ffi::AnyBuffer> /*workspace*/) {
   PointShape s1, s2;
   if (auto err = CheckPair(kMatchOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
   const int64_t nb = s1.b, n = s1.n, m = s2.n;
@@ -689,8 +690,9 @@ ffi::Error CheckMatch(const char* op, ffi::AnyBuffer match, const PointShape& s1
   return ffi::Error::Success();
 }
 
+// `workspace` ([..., m] row costs) is used by the CUDA handler only.
 ffi::Error MatchCostImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer match,
-                         ffi::Result<ffi::AnyBuffer> cost) {
+                         ffi::Result<ffi::AnyBuffer> cost, ffi::Result<ffi::AnyBuffer> /*workspace*/) {
   PointShape s1, s2;
   if (auto err = CheckPair(kCostOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
   if (auto err = CheckMatch(kCostOp, match, s1, s2); err.failure()) return err;
@@ -756,7 +758,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMatchCpu, ApproxMatchImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()    // match
+                                  .Ret<ffi::AnyBuffer>());  // workspace (CUDA only)
 XLA_OPS_REGISTER(kMatchOp, ApproxMatchCpu);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MatchCostCpu, MatchCostImpl,
@@ -765,7 +768,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MatchCostCpu, MatchCostImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()    // cost
+                                  .Ret<ffi::AnyBuffer>());  // workspace (CUDA only)
 XLA_OPS_REGISTER(kCostOp, MatchCostCpu);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MatchCostGradCpu, MatchCostGradImpl,

@@ -18,6 +18,7 @@
 #endif
 
 #include "common.h"
+#include "distance.h"
 
 // 256-bit GCC vector types are passed between inline helpers only; silence the ABI note about them.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -67,8 +68,7 @@ ffi::Future BallQueryImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, ffi::AnyBuff
       int32_t* o = out_idx + row * ns;
       int64_t hits = 0;
       for (int64_t j = 0; j < n && hits < ns; ++j) {
-        const float dx = p[3 * j] - qx, dy = p[3 * j + 1] - qy, dz = p[3 * j + 2] - qz;
-        if (dx * dx + dy * dy + dz * dz < r2) o[hits++] = static_cast<int32_t>(j);
+        if (SqDist3(p[3 * j], p[3 * j + 1], p[3 * j + 2], qx, qy, qz) < r2) o[hits++] = static_cast<int32_t>(j);
       }
       const int32_t fill = hits > 0 ? o[0] : 0;
       for (int64_t s = hits; s < ns; ++s) o[s] = fill;
@@ -161,8 +161,9 @@ ffi::Future GroupPointsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_out, f
 // ---- knn ----------------------------------------------------------------------------------------
 //
 // Result definition: the k smallest (distance, index) pairs (NaN distance = +inf), where distance is
-// ExactSqDist: (q_c - r_c)^2 summed in float32 into 8 partial sums (channel c into sum c % 8, in channel
-// order) and then pairwise, no FMA; for C <= 3 this is the plain in-order sum.
+// distance.h's SqDistC (shared with the CUDA kernel): (q_c - r_c)^2 summed in float32 into 8 partial sums
+// (channel c into sum c % 8, in channel order) and then pairwise, no FMA; for C <= 3 this is the plain
+// in-order sum that DirectTile computes.
 // Refs are transposed into blocks of 8 ([block][channel][lane]) and processed in chunks of kRefChunk refs
 // (hot in cache while every query of the task visits them, 4 queries at a time):
 //  * C < kExpansionMinChannels: exact distances of the whole chunk (DirectTile: 4 queries x 8 refs per
@@ -257,13 +258,14 @@ void ExpansionTileDefault(const float* q, const float* qn, const float* rt, cons
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// No FMA for the exact distances (same result as the default version); FMA for the approximate ones (it
-// can only change how many candidates are refined).
+// The exact distances must not use FMA (same result as the default version; CMake builds with
+// -ffp-contract=off). The approximate ones may (optimize("fp-contract=fast") re-enables it for this one
+// function): FMA can only change how many candidates are refined, never the result.
 __attribute__((target("avx2"))) void DirectTileAvx2(const float* q, const float* rt, int64_t c, int64_t nblk,
                                                     float* out, int64_t stride) {
   DirectTileImpl(q, rt, c, nblk, out, stride);
 }
-__attribute__((target("avx2,fma"))) void ExpansionTileAvx2(const float* q, const float* qn, const float* rt,
+__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void ExpansionTileAvx2(const float* q, const float* qn, const float* rt,
                                                            const float* rn, int64_t c, int64_t nblk, float* out,
                                                            int64_t stride) {
   ExpansionTileImpl(q, qn, rt, rn, c, nblk, out, stride);
@@ -286,31 +288,9 @@ Kernels SelectKernels() {
   return k;
 }
 
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
-
-// The exact squared distance (see the section comment); 128-bit vectors, native on every SIMD target.
+// The exact squared distance: distance.h's SqDistC (one definition with the CUDA kernel), NaN as +inf.
 float ExactSqDist(const float* a, const float* b, int64_t c) {
-  f32x4 lo{}, hi{};
-  int64_t ch = 0;
-  for (; ch + 8 <= c; ch += 8) {
-    f32x4 a0, a1, b0, b1;
-    __builtin_memcpy(&a0, a + ch, sizeof(a0));
-    __builtin_memcpy(&a1, a + ch + 4, sizeof(a1));
-    __builtin_memcpy(&b0, b + ch, sizeof(b0));
-    __builtin_memcpy(&b1, b + ch + 4, sizeof(b1));
-    const f32x4 d0 = a0 - b0, d1 = a1 - b1;
-    lo += d0 * d0;
-    hi += d1 * d1;
-  }
-  float s[8];
-  __builtin_memcpy(s, &lo, sizeof(lo));
-  __builtin_memcpy(s + 4, &hi, sizeof(hi));
-  for (int l = 0; ch < c; ++ch, ++l) {
-    const float d = a[ch] - b[ch];
-    s[l] += d * d;
-  }
-  const float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  const float sum = SqDistC(a, b, c);
   return std::isnan(sum) ? std::numeric_limits<float>::infinity() : sum;
 }
 

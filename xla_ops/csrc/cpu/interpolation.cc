@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "common.h"
+#include "distance.h"
 
 namespace xla_ops {
 namespace {
@@ -54,8 +55,7 @@ ffi::Future ThreeNnImpl(ffi::ThreadPool pool, ffi::AnyBuffer unknown, ffi::AnyBu
       float d0 = kInf, d1 = kInf, d2 = kInf;
       int32_t i0 = 0, i1 = 0, i2 = 0;
       for (int64_t j = 0; j < m; ++j) {
-        const float dx = ref[3 * j] - x, dy = ref[3 * j + 1] - y, dz = ref[3 * j + 2] - z;
-        const float d = dx * dx + dy * dy + dz * dz;
+        const float d = SqDist3(ref[3 * j], ref[3 * j + 1], ref[3 * j + 2], x, y, z);  // distance.h
         if (d < d2) {
           const int32_t jj = static_cast<int32_t>(j);
           if (d < d1) {

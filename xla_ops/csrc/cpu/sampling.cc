@@ -14,8 +14,10 @@
 //
 // Differences from the original GPU kernel: ties go to the lowest global index (the GPU's tree reduction
 // prefers lower thread ids, not strictly lower indices) and the running distance starts at +inf (1e38
-// there). NaN coordinates: a NaN distance never replaces a running minimum, so a NaN point keeps +inf and
-// is picked early (lowest index first); every output index is still in [0, N).
+// there). A picked point's distance is set to -1, so it is never picked again whatever its coordinates
+// (clouds of identical points: once every distinct point is picked, the lowest unpicked index comes next).
+// NaN coordinates: a NaN distance never replaces a running minimum, so a NaN point keeps +inf and is picked
+// early (lowest index first); a NaN pick lowers nothing. Every output index is in [0, N) and distinct.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -101,6 +103,10 @@ XLA_OPS_INLINE void FpsLoopImpl(const FpsState s, int32_t first_pos, int64_t npo
   out[0] = s.orig[pick];
   for (int64_t t = 1; t < npoint; ++t) {
     const float cx = s.x[pick], cy = s.y[pick], cz = s.z[pick];
+    // Retire the pick (-1: never the max, never lowered) and refresh its block's summary, which the box
+    // test below may skip (e.g. a block of identical points has max 0 and box distance 0).
+    s.dist[pick] = -1.0f;
+    UpdateBlock(s, pick / kBlock, cx, cy, cz);
     for (int64_t b0 = 0; b0 < s.nblk_pad; b0 += kLanes) {
       // Squared distance from c to 8 boxes (per axis: the gap max(lo - c, c - hi, 0)).
       f32x8 gx = Load<f32x8>(s.lox + b0) - cx, gy = Load<f32x8>(s.loy + b0) - cy, gz = Load<f32x8>(s.loz + b0) - cz;
@@ -263,7 +269,9 @@ void FpsExample(FpsFn loop, const float* p, int64_t n, int64_t npoint, FpsWorksp
   loop(s, first_pos, npoint, out);
 }
 
-ffi::Future FpsImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, int32_t npoint, ffi::Result<ffi::AnyBuffer> idx) {
+// `workspace` ([..., N] float32) is used by the CUDA handler only; both platforms share the call signature.
+ffi::Future FpsImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, int32_t npoint, ffi::Result<ffi::AnyBuffer> idx,
+                    ffi::Result<ffi::AnyBuffer> /*workspace*/) {
   auto fail = [](ffi::Error e) {
     ffi::Promise p;
     ffi::Future f(p);
@@ -298,7 +306,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FarthestPointSampleCpu, FpsImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<int32_t>("npoint")
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()    // idx
+                                  .Ret<ffi::AnyBuffer>());  // workspace (CUDA only)
 XLA_OPS_REGISTER(kOp, FarthestPointSampleCpu);
 
 }  // namespace xla_ops

@@ -43,7 +43,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnDistanceCuda, NnDistanceImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kOp, NnDistanceCuda);
 
 }  // namespace cuda

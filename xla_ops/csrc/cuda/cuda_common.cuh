@@ -1,9 +1,11 @@
 // Shared helpers for the xla_ops CUDA handlers: shape validation (same rules as the CPU handlers, so a bad
-// call is rejected with InvalidArgument before anything is launched), launch-error reporting, grid sizing,
-// scratch memory and the block reductions the kernels share.
+// call is rejected with InvalidArgument before anything is launched), launch-error reporting, grid sizing
+// and the block reductions the kernels share.
 //
 // Conventions on top of common.h:
-//  * Every handler runs on XLA's stream (.Ctx<ffi::PlatformStream<cudaStream_t>>()) and never synchronises.
+//  * Every handler runs on XLA's stream (.Ctx<ffi::PlatformStream<cudaStream_t>>()) and never synchronises or
+//    allocates (temporary device memory is an extra "workspace" output), so every handler declares
+//    ffi::Traits::kCmdBufferCompatible and XLA can capture it into a CUDA graph.
 //  * Every launch is followed by CheckLaunch(), which turns cudaGetLastError() into ffi::Error::Internal.
 //  * Offsets into [B, N, ...] arrays are int64 (B*N*M overflows int32 for dense point sets).
 //  * Grids are one-dimensional (gridDim.x allows 2^31-1 blocks; y and z stop at 65535), either grid-stride
@@ -20,6 +22,7 @@
 #include <string>
 
 #include "common.h"
+#include "distance.h"  // SqDist3, SqDistC: the distances shared with the CPU handlers
 
 namespace xla_ops {
 namespace cuda {
@@ -87,20 +90,6 @@ inline ffi::Error ZeroAsync(const char* op, void* data, size_t bytes, cudaStream
   return CheckCuda(op, cudaMemsetAsync(data, 0, bytes, stream));
 }
 
-// Device scratch from XLA's allocator. It is released when the ScratchAllocator is destroyed, i.e. when the
-// handler returns; this is safe because XLA's allocator is ordered on the same stream as our kernels (the
-// pattern jaxlib's own GPU kernels use for their workspaces).
-template <typename T>
-inline ffi::ErrorOr<T*> AllocateScratch(const char* op, ffi::ScratchAllocator& scratch, int64_t count) {
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
-  std::optional<void*> ptr = scratch.Allocate(bytes, 256);
-  if (!ptr.has_value() || *ptr == nullptr)
-    return ffi::Unexpected(ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                                      std::string(op) + ": could not allocate " + std::to_string(bytes) +
-                                          " bytes of scratch memory"));
-  return static_cast<T*>(*ptr);
-}
-
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 
 // Blocks for a grid-stride loop over `work` items (capped; the loop covers the rest).
@@ -117,14 +106,6 @@ __host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // ---- device helpers -------------------------------------------------------------------------------
-
-// Squared distance with round-to-nearest intrinsics: nvcc may not contract them into FMAs, so the value is
-// bit-identical to the CPU handlers' float `dx*dx + dy*dy + dz*dz`, and index-selecting ops (FPS, ball
-// query, knn, three_nn, nn_distance) resolve near-ties the same way on both platforms.
-__device__ __forceinline__ float SqDist3(float ax, float ay, float az, float bx, float by, float bz) {
-  const float dx = ax - bx, dy = ay - by, dz = az - bz;
-  return __fadd_rn(__fadd_rn(__fmul_rn(dx, dx), __fmul_rn(dy, dy)), __fmul_rn(dz, dz));
-}
 
 // Block-wide sum of `v` (blockDim.x a multiple of 32, at most 1024). Every thread gets the total. The order
 // of the additions is fixed, so the result is deterministic for a given block size. `shared` holds 32 floats.

@@ -1,14 +1,16 @@
-// Earth mover's distance ops on CUDA: approx_match, match_cost, match_cost_grad (spec §5.2).
+// Earth mover's distance ops on CUDA: approx_match, match_cost, match_cost_grad (docs/original.md §5).
 //
 // approx_match runs the original GPU algorithm (10 rounds, level = -4^j for j = 7..-1, then 0), but instead
 // of one block per batch item doing the three passes of a round with block barriers in between, each pass
-// is its own kernel over all (batch item, point tile) pairs: within a pass every point is independent, so
-// the launch boundary is the only synchronisation needed, and a single batch item fills the whole GPU.
-// Per pass and point the summation runs over the other set in index order, as in the original; the original
-// uses __expf, we use expf (full precision) to stay close to the CPU handler. The per-item state remainL /
-// remainR / ratioL / ratioR lives in XLA scratch memory. match is [m, n] (match[l, k], l in xyz2, k in xyz1).
+// is its own kernel over all (batch item, point tile, slice of the other set) triples, followed by a small
+// kernel that combines the slices' partial sums in slice order: within a pass every point is independent,
+// so the launch boundaries are the only synchronisation needed, and the usual sizes fill the GPU. The
+// original uses __expf, we use expf (full precision) to stay close to the CPU handler. The per-item state
+// remainL / remainR / ratioL / ratioR and the partial sums live in a workspace output (not XLA scratch, so
+// that XLA can capture the handlers in CUDA graphs). match is [m, n] (match[l, k], l in xyz2, k in xyz1).
+// An item with a NaN/Inf coordinate gets an all-NaN match (MatchNonFiniteKernel), as on the CPU.
 //
-// match_cost and match_cost_grad have no atomics: match_cost reduces per-(item, row chunk) partial sums in
+// match_cost and match_cost_grad have no atomics: match_cost reduces per-row costs (a workspace output) in
 // a fixed order, grad1 is one thread per xyz1 point, grad2 one warp per xyz2 point, so all three are
 // deterministic.
 #include "cuda_common.cuh"
@@ -24,6 +26,12 @@ constexpr int kThreads = 256;  // points per block (and tile size) of the per-po
 
 inline unsigned int TileBlocks(int64_t b, int64_t count) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(b * CeilDiv(count, kThreads), kMaxGridX)));
+}
+
+// Blocks of a (batch item, point tile, slice) grid.
+inline unsigned int SlicedBlocks(int64_t b, int64_t count, int64_t slices) {
+  return static_cast<unsigned int>(
+      std::max<int64_t>(1, std::min(b * CeilDiv(count, kThreads) * slices, kMaxGridX)));
 }
 
 // Stages points [j0, j0 + cnt) of `pts` ([*, 3]) and one per-point value from `val` in `tile` (x, y, z, v).
@@ -42,89 +50,119 @@ __device__ __forceinline__ float Dist2(float4 a, float x, float y, float z) {
 }
 
 // ---- approx_match ---------------------------------------------------------------------------------
+//
+// Per batch item the workspace (an output of the custom call, so XLA can capture the op in a CUDA graph)
+// holds remain_l [n], ratio_l [n], remain_r [m], ratio_r [m] and partial [slices][max(n, m)]; `slices`
+// follows from its size (xla_ops/emd.py chooses it). Every sum over the other set is split into `slices`
+// contiguous ranges computed by different blocks, then combined in slice order: B * tiles * slices blocks
+// keep an H100/H200 (132 SMs) busy at the training sizes (B = 32, N = M = 1024: 8 slices, 1024 blocks)
+// where one block per (item, 256-point tile) gave 128.
 
-__global__ void MatchInitKernel(int64_t b, int64_t n, int64_t m, float multi_l, float multi_r,
-                                float* __restrict__ remain_l, float* __restrict__ remain_r) {
-  XLA_OPS_GRID_STRIDE(t, b * n) remain_l[t] = multi_l;
-  XLA_OPS_GRID_STRIDE(t, b * m) remain_r[t] = multi_r;
+struct MatchWorkspace {
+  float* base;
+  int64_t stride;  // floats per batch item
+  int64_t n, m, slices;
+  __host__ __device__ float* remain_l(int64_t bi) const { return base + bi * stride; }
+  __host__ __device__ float* ratio_l(int64_t bi) const { return base + bi * stride + n; }
+  __host__ __device__ float* remain_r(int64_t bi) const { return base + bi * stride + 2 * n; }
+  __host__ __device__ float* ratio_r(int64_t bi) const { return base + bi * stride + 2 * n + m; }
+  __host__ __device__ float* partial(int64_t bi, int64_t s) const {
+    return base + bi * stride + 2 * (n + m) + s * (n > m ? n : m);
+  }
+};
+
+// Decodes block `blk` of a (batch item, point tile, slice) grid.
+struct SlicedBlock {
+  int64_t bi, tile, slice;
+};
+__device__ __forceinline__ SlicedBlock DecodeSliced(int64_t blk, int64_t tiles, int64_t slices) {
+  const int64_t per_item = tiles * slices;
+  const int64_t bi = blk / per_item, rest = blk - bi * per_item;
+  return {bi, rest / slices, rest % slices};
 }
 
-// Pass 1, per xyz1 point k: ratio_l[k] = remain_l[k] / (1e-9 + sum_l exp(level d2(k, l)) remain_r[l]).
+__global__ void MatchInitKernel(int64_t b, MatchWorkspace ws, float multi_l, float multi_r) {
+  XLA_OPS_GRID_STRIDE(t, b * ws.n) ws.remain_l(t / ws.n)[t % ws.n] = multi_l;
+  XLA_OPS_GRID_STRIDE(t, b * ws.m) ws.remain_r(t / ws.m)[t % ws.m] = multi_r;
+}
+
+// The sliced sum of passes 1 and 2: for every point i of set A (count na) and slice s of set B (count nb),
+// partial[s][i] = sum_{j in slice s} exp(level d2(a_i, b_j)) value[j], in index order.
+// Pass 1: A = xyz1, B = xyz2, value = remain_r; pass 2: A = xyz2, B = xyz1, value = ratio_l.
 __global__ void __launch_bounds__(kThreads)
-    MatchRatioLKernel(int64_t b, int64_t n, int64_t m, float level, const float* __restrict__ xyz1,
-                      const float* __restrict__ xyz2, const float* __restrict__ remain_l,
-                      const float* __restrict__ remain_r, float* __restrict__ ratio_l) {
+    MatchSumKernel(int64_t b, int64_t na, int64_t nb, float level, const float* __restrict__ pa,
+                   const float* __restrict__ pb, MatchWorkspace ws, bool pass1) {
   __shared__ float4 tile[kThreads];
-  const int64_t tiles = CeilDiv(n, kThreads);
-  // Block-uniform loop over (batch item, point tile) pairs; threads past the last point only stage tiles.
-  for (int64_t blk = blockIdx.x; blk < b * tiles; blk += gridDim.x) {
-    const int64_t bi = blk / tiles, k = (blk - bi * tiles) * kThreads + threadIdx.x;
-    const bool valid = k < n;
-    const int64_t p = bi * n + k;
-    const float x = valid ? xyz1[3 * p] : 0.0f, y = valid ? xyz1[3 * p + 1] : 0.0f, z = valid ? xyz1[3 * p + 2] : 0.0f;
-    float sum = 1e-9f;
-    for (int64_t l0 = 0; l0 < m; l0 += kThreads) {
-      const int cnt = static_cast<int>(min(static_cast<int64_t>(kThreads), m - l0));
-      LoadTile(tile, xyz2 + bi * m * 3, remain_r + bi * m, l0, cnt);
+  const int64_t tiles = CeilDiv(na, kThreads), slice_len = CeilDiv(nb, ws.slices);
+  // Block-uniform loop over (batch item, point tile, slice); threads past the last point only stage tiles.
+  for (int64_t blk = blockIdx.x; blk < b * tiles * ws.slices; blk += gridDim.x) {
+    const SlicedBlock sb = DecodeSliced(blk, tiles, ws.slices);
+    const int64_t i = sb.tile * kThreads + threadIdx.x;
+    const bool valid = i < na;
+    const float* a = pa + (sb.bi * na + (valid ? i : 0)) * 3;
+    const float x = a[0], y = a[1], z = a[2];
+    const float* value = pass1 ? ws.remain_r(sb.bi) : ws.ratio_l(sb.bi);
+    const int64_t j_end = min(nb, (sb.slice + 1) * slice_len);
+    float sum = 0.0f;
+    for (int64_t j0 = sb.slice * slice_len; j0 < j_end; j0 += kThreads) {
+      const int cnt = static_cast<int>(min(static_cast<int64_t>(kThreads), j_end - j0));
+      LoadTile(tile, pb + sb.bi * nb * 3, value, j0, cnt);
       if (valid)
         for (int t = 0; t < cnt; ++t) sum += expf(level * Dist2(tile[t], x, y, z)) * tile[t].w;
     }
-    if (valid) ratio_l[p] = remain_l[p] / sum;
+    if (valid) ws.partial(sb.bi, sb.slice)[i] = sum;
   }
 }
 
-// Pass 2, per xyz2 point l: s = remain_r[l] * sum_k exp(level d2(k, l)) ratio_l[k];
+// Sum of the slice partials of point i (slice order: deterministic).
+__device__ __forceinline__ float SumPartials(const MatchWorkspace& ws, int64_t bi, int64_t i, float init) {
+  float sum = init;
+  for (int64_t s = 0; s < ws.slices; ++s) sum += ws.partial(bi, s)[i];
+  return sum;
+}
+
+// After pass 1, per xyz1 point k: ratio_l[k] = remain_l[k] / (1e-9 + sum_l exp(level d2(k, l)) remain_r[l]).
+__global__ void MatchRatioLKernel(int64_t b, MatchWorkspace ws) {
+  XLA_OPS_GRID_STRIDE(t, b * ws.n) {
+    const int64_t bi = t / ws.n, k = t % ws.n;
+    ws.ratio_l(bi)[k] = ws.remain_l(bi)[k] / SumPartials(ws, bi, k, 1e-9f);
+  }
+}
+
+// After pass 2, per xyz2 point l: s = remain_r[l] * sum_k exp(level d2(k, l)) ratio_l[k];
 // ratio_r[l] = min(remain_r[l] / (s + 1e-9), 1) * remain_r[l]; remain_r[l] = max(0, remain_r[l] - s).
-__global__ void __launch_bounds__(kThreads)
-    MatchRatioRKernel(int64_t b, int64_t n, int64_t m, float level, const float* __restrict__ xyz1,
-                      const float* __restrict__ xyz2, const float* __restrict__ ratio_l,
-                      float* __restrict__ remain_r, float* __restrict__ ratio_r) {
-  __shared__ float4 tile[kThreads];
-  const int64_t tiles = CeilDiv(m, kThreads);
-  // Block-uniform loop over (batch item, point tile) pairs; threads past the last point only stage tiles.
-  for (int64_t blk = blockIdx.x; blk < b * tiles; blk += gridDim.x) {
-    const int64_t bi = blk / tiles, l = (blk - bi * tiles) * kThreads + threadIdx.x;
-    const bool valid = l < m;
-    const int64_t q = bi * m + l;
-    const float x = valid ? xyz2[3 * q] : 0.0f, y = valid ? xyz2[3 * q + 1] : 0.0f, z = valid ? xyz2[3 * q + 2] : 0.0f;
-    float sum = 0.0f;
-    for (int64_t k0 = 0; k0 < n; k0 += kThreads) {
-      const int cnt = static_cast<int>(min(static_cast<int64_t>(kThreads), n - k0));
-      LoadTile(tile, xyz1 + bi * n * 3, ratio_l + bi * n, k0, cnt);
-      if (valid)
-        for (int t = 0; t < cnt; ++t) sum += expf(level * Dist2(tile[t], x, y, z)) * tile[t].w;
-    }
-    if (valid) {
-      const float remain = remain_r[q];
-      sum *= remain;
-      const float consumption = fminf(remain / (sum + 1e-9f), 1.0f);
-      ratio_r[q] = consumption * remain;
-      remain_r[q] = fmaxf(0.0f, remain - sum);
-    }
+__global__ void MatchRatioRKernel(int64_t b, MatchWorkspace ws) {
+  XLA_OPS_GRID_STRIDE(t, b * ws.m) {
+    const int64_t bi = t / ws.m, l = t % ws.m;
+    const float remain = ws.remain_r(bi)[l];
+    const float sum = SumPartials(ws, bi, l, 0.0f) * remain;
+    ws.ratio_r(bi)[l] = fminf(remain / (sum + 1e-9f), 1.0f) * remain;
+    ws.remain_r(bi)[l] = fmaxf(0.0f, remain - sum);
   }
 }
 
-// Pass 3, per xyz1 point k: w = exp(level d2(k, l)) ratio_l[k] ratio_r[l]; match[l, k] += w;
-// remain_l[k] = max(0, remain_l[k] - sum_l w). Thread k owns column k of match: no races; the writes of a
-// warp are to consecutive k, i.e. coalesced.
+// Pass 3, per xyz1 point k and slice s of xyz2: w = exp(level d2(k, l)) ratio_l[k] ratio_r[l];
+// match[l, k] += w; partial[s][k] = sum_{l in s} w. Thread k owns column k of its slice's rows of match: no
+// races; the writes of a warp are to consecutive k, i.e. coalesced.
 __global__ void __launch_bounds__(kThreads)
-    MatchUpdateKernel(int64_t b, int64_t n, int64_t m, float level, const float* __restrict__ xyz1,
-                      const float* __restrict__ xyz2, const float* __restrict__ ratio_l,
-                      const float* __restrict__ ratio_r, float* __restrict__ remain_l, float* __restrict__ match) {
+    MatchUpdateKernel(int64_t b, float level, const float* __restrict__ xyz1, const float* __restrict__ xyz2,
+                      MatchWorkspace ws, float* __restrict__ match) {
   __shared__ float4 tile[kThreads];
-  const int64_t tiles = CeilDiv(n, kThreads);
-  // Block-uniform loop over (batch item, point tile) pairs; threads past the last point only stage tiles.
-  for (int64_t blk = blockIdx.x; blk < b * tiles; blk += gridDim.x) {
-    const int64_t bi = blk / tiles, k = (blk - bi * tiles) * kThreads + threadIdx.x;
+  const int64_t n = ws.n, m = ws.m;
+  const int64_t tiles = CeilDiv(n, kThreads), slice_len = CeilDiv(m, ws.slices);
+  for (int64_t blk = blockIdx.x; blk < b * tiles * ws.slices; blk += gridDim.x) {
+    const SlicedBlock sb = DecodeSliced(blk, tiles, ws.slices);
+    const int64_t k = sb.tile * kThreads + threadIdx.x;
     const bool valid = k < n;
-    const int64_t p = bi * n + k;
-    const float x = valid ? xyz1[3 * p] : 0.0f, y = valid ? xyz1[3 * p + 1] : 0.0f, z = valid ? xyz1[3 * p + 2] : 0.0f;
-    const float rl = valid ? ratio_l[p] : 0.0f;
-    float* col = match + bi * m * n + k;  // match[bi, l, k] = col[l * n]
+    const float* a = xyz1 + (sb.bi * n + (valid ? k : 0)) * 3;
+    const float x = a[0], y = a[1], z = a[2];
+    const float rl = valid ? ws.ratio_l(sb.bi)[k] : 0.0f;
+    float* col = match + sb.bi * m * n + k;  // match[bi, l, k] = col[l * n]
+    const int64_t l_end = min(m, (sb.slice + 1) * slice_len);
     float sum = 0.0f;
-    for (int64_t l0 = 0; l0 < m; l0 += kThreads) {
-      const int cnt = static_cast<int>(min(static_cast<int64_t>(kThreads), m - l0));
-      LoadTile(tile, xyz2 + bi * m * 3, ratio_r + bi * m, l0, cnt);
+    for (int64_t l0 = sb.slice * slice_len; l0 < l_end; l0 += kThreads) {
+      const int cnt = static_cast<int>(min(static_cast<int64_t>(kThreads), l_end - l0));
+      LoadTile(tile, xyz2 + sb.bi * m * 3, ws.ratio_r(sb.bi), l0, cnt);
       if (valid) {
         for (int t = 0; t < cnt; ++t) {
           const float w = expf(level * Dist2(tile[t], x, y, z)) * rl * tile[t].w;
@@ -133,7 +171,31 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    if (valid) remain_l[p] = fmaxf(0.0f, remain_l[p] - sum);
+    if (valid) ws.partial(sb.bi, sb.slice)[k] = sum;
+  }
+}
+
+// After pass 3, per xyz1 point k: remain_l[k] = max(0, remain_l[k] - sum_l w).
+__global__ void MatchRemainLKernel(int64_t b, MatchWorkspace ws) {
+  XLA_OPS_GRID_STRIDE(t, b * ws.n) {
+    const int64_t bi = t / ws.n, k = t % ws.n;
+    ws.remain_l(bi)[k] = fmaxf(0.0f, ws.remain_l(bi)[k] - SumPartials(ws, bi, k, 0.0f));
+  }
+}
+
+// One block per batch item: if any coordinate of xyz1[bi] or xyz2[bi] is NaN or Inf, the item's whole match
+// becomes NaN (the CPU handler's and the jnp version's rule; the rounds' fminf / fmaxf would otherwise drop
+// NaN and leave finite garbage).
+__global__ void MatchNonFiniteKernel(int64_t b, int64_t n, int64_t m, const float* __restrict__ xyz1,
+                                     const float* __restrict__ xyz2, float* __restrict__ match) {
+  for (int64_t bi = blockIdx.x; bi < b; bi += gridDim.x) {
+    int bad = 0;
+    for (int64_t t = threadIdx.x; t < 3 * n; t += blockDim.x) bad |= !isfinite(xyz1[bi * n * 3 + t]);
+    for (int64_t t = threadIdx.x; t < 3 * m; t += blockDim.x) bad |= !isfinite(xyz2[bi * m * 3 + t]);
+    if (__syncthreads_or(bad)) {  // block-uniform
+      float* out = match + bi * m * n;
+      for (int64_t t = threadIdx.x; t < m * n; t += blockDim.x) out[t] = NAN;
+    }
   }
 }
 
@@ -154,21 +216,21 @@ ffi::Error CheckPair(const char* op, const ffi::AnyBuffer& xyz1, const ffi::AnyB
   return ffi::Error::Success();
 }
 
-ffi::Error ApproxMatchImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer xyz1,
-                           ffi::AnyBuffer xyz2, ffi::Result<ffi::AnyBuffer> match) {
+ffi::Error ApproxMatchImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2,
+                           ffi::Result<ffi::AnyBuffer> match, ffi::Result<ffi::AnyBuffer> workspace) {
   PointShape s1, s2;
   XLA_OPS_RETURN_IF_ERROR(CheckPair(kMatchOp, xyz1, xyz2, s1, s2));
   const int64_t b = s1.b, n = s1.n, m = s2.n;
   XLA_OPS_RETURN_IF_ERROR(CheckResult(kMatchOp, "match", *match, ffi::F32, b * m * n));
+  if (workspace->element_type() != ffi::F32) return InvalidArgument(kMatchOp, "workspace must be float32");
   if (b == 0) return ffi::Error::Success();
-
-  // remain_l [b, n], ratio_l [b, n], remain_r [b, m], ratio_r [b, m].
-  auto state = AllocateScratch<float>(kMatchOp, scratch, 2 * b * (n + m));
-  if (state.has_error()) return state.error();
-  float* remain_l = *state;
-  float* ratio_l = remain_l + b * n;
-  float* remain_r = ratio_l + b * n;
-  float* ratio_r = remain_r + b * m;
+  const int64_t stride = static_cast<int64_t>(workspace->element_count()) / b;
+  const int64_t slices = (stride - 2 * (n + m)) / std::max(n, m);
+  if (static_cast<int64_t>(workspace->element_count()) != b * stride || slices < 1 ||
+      stride != 2 * (n + m) + slices * std::max(n, m))
+    return InvalidArgument(kMatchOp, "workspace must be float32 [..., 2 * (n + m) + slices * max(n, m)], got " +
+                                         std::to_string(workspace->element_count()) + " elements");
+  const MatchWorkspace ws{workspace->typed_data<float>(), stride, n, m, slices};
   float* out = match->typed_data<float>();
   const float* p1 = xyz1.typed_data<float>();
   const float* p2 = xyz2.typed_data<float>();
@@ -177,62 +239,59 @@ ffi::Error ApproxMatchImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, f
   const float multi_l = n >= m ? 1.0f : static_cast<float>(m / n);
   const float multi_r = n >= m ? static_cast<float>(n / m) : 1.0f;
   XLA_OPS_RETURN_IF_ERROR(ZeroAsync(kMatchOp, out, match->size_bytes(), stream));
-  MatchInitKernel<<<StrideBlocks(b * std::max(n, m), kThreads), kThreads, 0, stream>>>(b, n, m, multi_l, multi_r,
-                                                                                        remain_l, remain_r);
+  MatchInitKernel<<<StrideBlocks(b * std::max(n, m), kThreads), kThreads, 0, stream>>>(b, ws, multi_l, multi_r);
   XLA_OPS_RETURN_IF_ERROR(CheckLaunch(kMatchOp));
+  const unsigned int blocks1 = SlicedBlocks(b, n, slices), blocks2 = SlicedBlocks(b, m, slices);
   for (int j = 7; j >= -2; --j) {
     const float level = j == -2 ? 0.0f : -std::ldexp(1.0f, 2 * j);  // -4^j, exact
-    MatchRatioLKernel<<<TileBlocks(b, n), kThreads, 0, stream>>>(b, n, m, level, p1, p2, remain_l, remain_r,
-                                                                 ratio_l);
-    MatchRatioRKernel<<<TileBlocks(b, m), kThreads, 0, stream>>>(b, n, m, level, p1, p2, ratio_l, remain_r,
-                                                                 ratio_r);
-    MatchUpdateKernel<<<TileBlocks(b, n), kThreads, 0, stream>>>(b, n, m, level, p1, p2, ratio_l, ratio_r,
-                                                                 remain_l, out);
+    MatchSumKernel<<<blocks1, kThreads, 0, stream>>>(b, n, m, level, p1, p2, ws, /*pass1=*/true);
+    MatchRatioLKernel<<<StrideBlocks(b * n, kThreads), kThreads, 0, stream>>>(b, ws);
+    MatchSumKernel<<<blocks2, kThreads, 0, stream>>>(b, m, n, level, p2, p1, ws, /*pass1=*/false);
+    MatchRatioRKernel<<<StrideBlocks(b * m, kThreads), kThreads, 0, stream>>>(b, ws);
+    MatchUpdateKernel<<<blocks1, kThreads, 0, stream>>>(b, level, p1, p2, ws, out);
+    MatchRemainLKernel<<<StrideBlocks(b * n, kThreads), kThreads, 0, stream>>>(b, ws);
     XLA_OPS_RETURN_IF_ERROR(CheckLaunch(kMatchOp));
   }
-  return ffi::Error::Success();
+  MatchNonFiniteKernel<<<static_cast<unsigned int>(std::min(b, kMaxGridX)), kThreads, 0, stream>>>(b, n, m, p1, p2,
+                                                                                                  out);
+  return CheckLaunch(kMatchOp);
 }
 
 // ---- match_cost -----------------------------------------------------------------------------------
 
-constexpr int kCostRows = 32;  // xyz2 rows of match per block
-
-// Partial cost of rows [chunk * kCostRows, ...) of match[bi]: partial[bi * chunks + chunk].
-__global__ void __launch_bounds__(kThreads)
-    MatchCostPartialKernel(int64_t b, int64_t n, int64_t m, const float* __restrict__ xyz1,
-                           const float* __restrict__ xyz2, const float* __restrict__ match,
-                           float* __restrict__ partial) {
-  __shared__ float rows[kCostRows * 3];
-  __shared__ float reduce[32];
-  const int64_t chunks = CeilDiv(m, kCostRows);
-  for (int64_t blk = blockIdx.x; blk < b * chunks; blk += gridDim.x) {
-    const int64_t bi = blk / chunks, l0 = (blk - bi * chunks) * kCostRows;
-    const int cnt = static_cast<int>(min(static_cast<int64_t>(kCostRows), m - l0));
-    __syncthreads();  // `rows` of the previous chunk is no longer read
-    for (int t = threadIdx.x; t < 3 * cnt; t += blockDim.x) rows[t] = xyz2[(bi * m + l0) * 3 + t];
-    __syncthreads();
-    const float* mrow = match + (bi * m + l0) * n;
+// row_cost[q] = sum_k match[l, k] ||p_k - q_l|| for xyz2 point l (q = bi * m + l): one warp per row, reading
+// it contiguously, reduced with shuffles in a fixed order.
+__global__ void MatchCostRowKernel(int64_t b, int64_t n, int64_t m, const float* __restrict__ xyz1,
+                                   const float* __restrict__ xyz2, const float* __restrict__ match,
+                                   float* __restrict__ row_cost) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  // Warp-uniform loop: every lane of a warp runs the same iterations, so the full-mask shuffles are safe.
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); q < b * m;
+       q += warps) {
+    const int64_t bi = q / m;
+    const float x = xyz2[3 * q], y = xyz2[3 * q + 1], z = xyz2[3 * q + 2];
+    const float* row = match + q * n;
+    const float* p1 = xyz1 + bi * n * 3;
     float acc = 0.0f;
-    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
-      const float* p = xyz1 + (bi * n + k) * 3;
-      const float x = p[0], y = p[1], z = p[2];
-      for (int r = 0; r < cnt; ++r) {
-        const float dx = x - rows[3 * r], dy = y - rows[3 * r + 1], dz = z - rows[3 * r + 2];
-        acc += mrow[r * n + k] * sqrtf(dx * dx + dy * dy + dz * dz);
-      }
+    for (int64_t k = lane; k < n; k += 32) {
+      const float dx = p1[3 * k] - x, dy = p1[3 * k + 1] - y, dz = p1[3 * k + 2] - z;
+      acc += row[k] * sqrtf(dx * dx + dy * dy + dz * dz);
     }
-    acc = BlockSum(acc, reduce);
-    if (threadIdx.x == 0) partial[blk] = acc;
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+    if (lane == 0) row_cost[q] = acc;
   }
 }
 
-// cost[bi] = sum of the partials of item bi, in order.
-__global__ void MatchCostFinishKernel(int64_t b, int64_t chunks, const float* __restrict__ partial,
-                                      float* __restrict__ cost) {
-  XLA_OPS_GRID_STRIDE(bi, b) {
+// cost[bi] = sum of the m row costs of item bi: one block per item, fixed summation order (BlockSum).
+__global__ void __launch_bounds__(kThreads)
+    MatchCostFinishKernel(int64_t b, int64_t m, const float* __restrict__ row_cost, float* __restrict__ cost) {
+  __shared__ float reduce[32];
+  for (int64_t bi = blockIdx.x; bi < b; bi += gridDim.x) {
     float acc = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) acc += partial[bi * chunks + c];
-    cost[bi] = acc;
+    for (int64_t l = threadIdx.x; l < m; l += blockDim.x) acc += row_cost[bi * m + l];
+    acc = BlockSum(acc, reduce);
+    if (threadIdx.x == 0) cost[bi] = acc;
   }
 }
 
@@ -248,21 +307,21 @@ ffi::Error CheckMatchArgs(const char* op, const ffi::AnyBuffer& xyz1, const ffi:
   return ffi::Error::Success();
 }
 
-ffi::Error MatchCostImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer xyz1,
-                         ffi::AnyBuffer xyz2, ffi::AnyBuffer match, ffi::Result<ffi::AnyBuffer> cost) {
+ffi::Error MatchCostImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer match,
+                         ffi::Result<ffi::AnyBuffer> cost, ffi::Result<ffi::AnyBuffer> row_cost) {
   PointShape s1, s2;
   XLA_OPS_RETURN_IF_ERROR(CheckMatchArgs(kCostOp, xyz1, xyz2, match, s1, s2));
   const int64_t b = s1.b, n = s1.n, m = s2.n;
   XLA_OPS_RETURN_IF_ERROR(CheckResult(kCostOp, "cost", *cost, ffi::F32, b));
+  XLA_OPS_RETURN_IF_ERROR(CheckResult(kCostOp, "workspace (row costs)", *row_cost, ffi::F32, b * m));
   if (b == 0) return ffi::Error::Success();
-  const int64_t chunks = CeilDiv(m, kCostRows);
-  auto partial = AllocateScratch<float>(kCostOp, scratch, b * chunks);
-  if (partial.has_error()) return partial.error();
-  MatchCostPartialKernel<<<static_cast<unsigned int>(std::min(b * chunks, kMaxGridX)), kThreads, 0, stream>>>(
-      b, n, m, xyz1.typed_data<float>(), xyz2.typed_data<float>(), match.typed_data<float>(), *partial);
+  constexpr int kWarpsPerBlock = kThreads / 32;
+  MatchCostRowKernel<<<StrideBlocks(b * m, kWarpsPerBlock), kThreads, 0, stream>>>(
+      b, n, m, xyz1.typed_data<float>(), xyz2.typed_data<float>(), match.typed_data<float>(),
+      row_cost->typed_data<float>());
   XLA_OPS_RETURN_IF_ERROR(CheckLaunch(kCostOp));
-  MatchCostFinishKernel<<<StrideBlocks(b, kThreads), kThreads, 0, stream>>>(b, chunks, *partial,
-                                                                             cost->typed_data<float>());
+  MatchCostFinishKernel<<<static_cast<unsigned int>(std::min(b, kMaxGridX)), kThreads, 0, stream>>>(
+      b, m, row_cost->typed_data<float>(), cost->typed_data<float>());
   return CheckLaunch(kCostOp);
 }
 
@@ -359,23 +418,27 @@ ffi::Error MatchCostGradImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyB
 
 }  // namespace
 
+// All three only enqueue kernels on XLA's stream, with launch parameters that depend on shapes alone and
+// no host synchronisation or allocation: XLA may capture them into CUDA graphs (command buffers).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMatchCuda, ApproxMatchImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()   // match
+                                  .Ret<ffi::AnyBuffer>(),  // workspace
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kMatchOp, ApproxMatchCuda);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MatchCostCuda, MatchCostImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()   // cost
+                                  .Ret<ffi::AnyBuffer>(),  // workspace: row costs
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kCostOp, MatchCostCuda);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MatchCostGradCuda, MatchCostGradImpl,
@@ -385,7 +448,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MatchCostGradCuda, MatchCostGradImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kCostGradOp, MatchCostGradCuda);
 
 }  // namespace cuda

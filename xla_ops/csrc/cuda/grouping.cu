@@ -134,7 +134,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BallQueryCuda, BallQueryImpl,
                                   .Attr<float>("radius")
                                   .Attr<int32_t>("nsample")
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kBallQueryOp, BallQueryCuda);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupPointsCuda, GroupPointsImpl,
@@ -142,7 +143,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupPointsCuda, GroupPointsImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kGroupPointsOp, GroupPointsCuda);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupPointsGradCuda, GroupPointsGradImpl,
@@ -151,7 +153,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupPointsGradCuda, GroupPointsGradImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<int32_t>("npoints")
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kGroupPointsGradOp, GroupPointsGradCuda);
 
 }  // namespace cuda

@@ -130,7 +130,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ThreeNnCuda, ThreeNnImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kThreeNnOp, ThreeNnCuda);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ThreeInterpolateCuda, ThreeInterpolateImpl,
@@ -139,7 +140,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ThreeInterpolateCuda, ThreeInterpolateImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kInterpOp, ThreeInterpolateCuda);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ThreeInterpolateGradCuda, ThreeInterpolateGradImpl,
@@ -149,7 +151,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ThreeInterpolateGradCuda, ThreeInterpolateGradImpl
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<int32_t>("npoints")
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kInterpGradOp, ThreeInterpolateGradCuda);
 
 }  // namespace cuda

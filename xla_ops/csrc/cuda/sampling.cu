@@ -1,10 +1,11 @@
 // farthest_point_sample on CUDA: one block per batch item. Every point keeps its running minimum squared
-// distance to the selected set (in global scratch, each thread owning a strided subset of the points); each
+// distance to the selected set (in the workspace output, each thread owning a strided subset of the points); each
 // step updates it against the last pick and a block-wide (value, index) argmax picks the next point.
 // The argmax prefers the lower index on equal values both inside a thread (strict > over increasing
 // indices) and in the reduction, so ties go to the lowest global index, like the CPU handler (the original
 // kernel only tie-broke within threads). As on CPU the running distance starts at +inf (1e38 in the
-// original), and a NaN distance never replaces it. Distances are bit-identical to the CPU handler's
+// original), and a NaN distance never replaces it. A picked point's distance is set to -1, so it is never
+// picked again whatever its coordinates (NaN, or identical points). Distances are bit-identical to the CPU handler's
 // (SqDist3), so near-ties resolve the same way.
 #include "cuda_common.cuh"
 
@@ -14,7 +15,7 @@ namespace {
 
 constexpr const char* kFpsOp = "xla_ops_farthest_point_sample";
 
-// blockDim.x: a multiple of 32, at most 1024. mind: [b, n] scratch.
+// blockDim.x: a multiple of 32, at most 1024. mind: [b, n] workspace.
 __global__ void FpsKernel(int64_t b, int64_t n, int32_t npoint, const float* __restrict__ xyz,
                           float* __restrict__ mind, int32_t* __restrict__ idx) {
   __shared__ float warp_best[32];
@@ -36,7 +37,10 @@ __global__ void FpsKernel(int64_t b, int64_t n, int32_t npoint, const float* __r
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
         const float di = SqDist3(p[3 * i], p[3 * i + 1], p[3 * i + 2], lx, ly, lz);
         float m = d[i];
-        if (di < m) {
+        if (i == last) {  // retire the pick (owned by this thread): never the max again
+          m = -1.0f;
+          d[i] = m;
+        } else if (di < m) {
           m = di;
           d[i] = m;
         }
@@ -75,8 +79,8 @@ __global__ void FpsKernel(int64_t b, int64_t n, int32_t npoint, const float* __r
   }
 }
 
-ffi::Error FpsImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer xyz, int32_t npoint,
-                   ffi::Result<ffi::AnyBuffer> idx) {
+ffi::Error FpsImpl(cudaStream_t stream, ffi::AnyBuffer xyz, int32_t npoint, ffi::Result<ffi::AnyBuffer> idx,
+                   ffi::Result<ffi::AnyBuffer> workspace) {
   auto s = PointsOf(kFpsOp, "xyz", xyz, ffi::F32);
   if (s.has_error()) return s.error();
   if (s->c != 3) return InvalidArgument(kFpsOp, "xyz must have 3 channels, got " + std::to_string(s->c));
@@ -87,12 +91,13 @@ ffi::Error FpsImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
   XLA_OPS_RETURN_IF_ERROR(CheckResult(kFpsOp, "idx", *idx, ffi::S32, s->b * npoint));
   if (s->b == 0) return ffi::Error::Success();
 
-  auto mind = AllocateScratch<float>(kFpsOp, scratch, s->b * s->n);
-  if (mind.has_error()) return mind.error();
+  // The running minimum distances [b, n] live in a workspace output (not XLA scratch: command buffers).
+  XLA_OPS_RETURN_IF_ERROR(CheckResult(kFpsOp, "workspace", *workspace, ffi::F32, s->b * s->n));
+  float* mind = workspace->typed_data<float>();
   // Enough threads to cover the points once (rounded to warps), at most 1024.
   const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, CeilDiv(s->n, 32) * 32)));
   const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(s->b, kMaxGridX));
-  FpsKernel<<<blocks, threads, 0, stream>>>(s->b, s->n, npoint, xyz.typed_data<float>(), *mind,
+  FpsKernel<<<blocks, threads, 0, stream>>>(s->b, s->n, npoint, xyz.typed_data<float>(), mind,
                                              idx->typed_data<int32_t>());
   return CheckLaunch(kFpsOp);
 }
@@ -102,10 +107,11 @@ ffi::Error FpsImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyB
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FarthestPointSampleCuda, FpsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<int32_t>("npoint")
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()   // idx
+                                  .Ret<ffi::AnyBuffer>(),  // workspace [..., N] float32
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kFpsOp, FarthestPointSampleCuda);
 
 }  // namespace cuda

@@ -125,6 +125,10 @@ class ModernGLRenderer:
 
   def render(self, vertices, faces, rotation, cam_pos, focal, height, width) -> np.ndarray:
     """Same contract as render_numpy. RGBA uint8 [H,W,4]."""
+    with self._ctx:  # make this context current: a process may hold several (e.g. tests)
+      return self._render(vertices, faces, rotation, cam_pos, focal, height, width)
+
+  def _render(self, vertices, faces, rotation, cam_pos, focal, height, width) -> np.ndarray:
     import moderngl  # pylint: disable=g-import-not-at-top
     ctx = self._ctx
     shade = face_shading(vertices, faces)

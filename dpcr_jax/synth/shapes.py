@@ -1,4 +1,4 @@
-"""Procedural ShapeNet-like meshes for the 13 R2N2 categories (spec data-formats §6.1).
+"""Procedural ShapeNet-like meshes for the 13 R2N2 categories (docs/original.md §10).
 
 Each shape is a union (concatenation, interior faces kept, as in ShapeNet CAD models) of boxes,
 cylinders, capsules, spheres and frusta with randomised proportions and optional parts. Frame:
@@ -374,11 +374,3 @@ def write_obj(path, vertices: np.ndarray, faces: np.ndarray) -> None:
   with open(path, "w") as f:
     f.write("".join(f"v {x:.6f} {y:.6f} {z:.6f}\n" for x, y, z in vertices))
     f.write("".join(f"f {a} {b} {c}\n" for a, b, c in faces + 1))
-
-
-def read_obj(path) -> Mesh:
-  """Loads an OBJ (any polygons; materials ignored, groups merged) as triangles."""
-  mesh = trimesh.load(path, force="mesh", process=False)
-  if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
-    raise ValueError(f"{path}: no triangles found")
-  return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64)

@@ -3,7 +3,7 @@
 For each op (the SPECS table below, one entry per public function of docs/ops.md): jit; vmap with
 in_axes 0 and None (still the op's custom calls, no loop); ``jax.shard_map`` on the 8 fake CPU devices with
 gradients equal to the single-device ones (regression test for the varying-axes trap,
-/work/shared/spec/jax-ffi-notes.md §5) and ``out_specs=P()`` rejected; plain ``jax.jit`` on batch-sharded
+docs/ops.md, "shard_map") and ``out_specs=P()`` rejected; plain ``jax.jit`` on batch-sharded
 inputs running the custom call per shard without an all-gather; results independent of XLA's thread count.
 
 Only ops present in ``xla_ops.__all__`` are tested; ``test_every_public_op_has_a_spec`` keeps the table
@@ -184,8 +184,8 @@ def test_plain_jit_on_sharded_inputs_runs_per_shard(name):
 _THREADS_SCRIPT = r"""
 import collections, importlib.util, os, sys
 import numpy as np
-spec = importlib.util.spec_from_file_location("test_transforms", sys.argv[1])
-module = sys.modules["test_transforms"] = importlib.util.module_from_spec(spec)
+spec = importlib.util.spec_from_file_location("test_jax_transforms", sys.argv[1])
+module = sys.modules["test_jax_transforms"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 import jax
 results = {}

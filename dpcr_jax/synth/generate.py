@@ -1,4 +1,4 @@
-"""Offline generator of a ShapeNet-like dataset, written in the real on-disk formats (spec data-formats §7).
+"""Offline generator of a ShapeNet-like dataset, written in the real on-disk formats (docs/data.md).
 
 Layout under `root` (sizes in folder names follow the options):
   ShapeNetCore.v1/<syn>/<id>/model.obj                          procedural mesh, +Y up, front +X, diag 1
@@ -26,9 +26,10 @@ import tqdm
 
 from dpcr_jax.data import camera
 from dpcr_jax.data import categories as categories_lib
-from dpcr_jax.data import render
 from dpcr_jax.data import sampling
-from dpcr_jax.data import shapes
+from dpcr_jax.data.r2n2 import pointcloud_filename
+from dpcr_jax.synth import render
+from dpcr_jax.synth import shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +46,6 @@ class GeneratorOptions:
   renderer: str = "auto"  # 'auto' | 'moderngl' | 'numpy'
   compression: str | None = "lzf"  # HDF5 compression of the image datasets
   fps: str = "auto"  # 'auto' (xla_ops when available) | 'numpy'
-
-
-def pointcloud_filename(n: int) -> str:
-  """3D-LMNet/DensePCR naming: pointcloud_16k.npy for 16384 points, pointcloud_<n>.npy otherwise."""
-  return "pointcloud_16k.npy" if n == 16384 else f"pointcloud_{n}.npy"
 
 
 def image_folder(height: int, width: int, n_views: int = 12) -> str:
@@ -69,14 +65,14 @@ def _model_rng(seed: int, synset: str, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, int(synset), index])
 
 
-_RENDERER = None  # one per process (the GL context is not picklable)
+_RENDERERS: dict[str, render.Renderer] = {}  # one per process and backend (a GL context is not picklable)
 
 
 def _renderer(backend: str) -> render.Renderer:
-  global _RENDERER
-  if _RENDERER is None:
-    _RENDERER = render.Renderer(backend)
-  return _RENDERER
+  """This process's renderer for ``backend`` (before: the first one made, whatever backend was asked for)."""
+  if backend not in _RENDERERS:
+    _RENDERERS[backend] = render.Renderer(backend)
+  return _RENDERERS[backend]
 
 
 def generate_model(root: str, synset: str, index: int, seed: int, opts: GeneratorOptions) -> dict:
