@@ -125,7 +125,7 @@ def _shapes(tree: Any) -> dict[str, tuple]:
 def describe_mismatch(saved: dict[str, tuple], expected: dict[str, tuple], limit: int = 6) -> str:
   """'' when the two {name: shape} maps agree, else a short list of the differences."""
   lines = []
-  for name in sorted(set(saved) | set(expected)):
+  for name in sorted(set(saved) | set(expected), key=lambda n: (not n.startswith("variables/"), n)):
     if name not in expected:
       lines.append(f"{name}: {saved[name]} in the checkpoint, absent in the model")
     elif name not in saved:

@@ -280,6 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
     stage: the model and loss (default: ``stages.get(config.stage)``).
     inputs_fn: config -> the batches (default: ``make_inputs``); called after jax.distributed is up and the
       config validated, so it may ask for jax.process_index().
+    restart: move a run already in ``workdir`` to ``previous_runs/`` and start from step 0, instead of
+      refusing a config that differs from it.
   """
   maybe_initialize_distributed(config)  # first: jax.distributed must start before any backend (device_count)
   validate_config(config)
