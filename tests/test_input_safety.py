@@ -6,13 +6,14 @@ import sys
 from absl import flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 import pytest
 
 from dpcr_jax import evaluation, images, predict
-from dpcr_jax.data import pipeline
+from dpcr_jax.data import default_data_config, pipeline
 from dpcr_jax.data.common import DataError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +75,8 @@ def test_output_stems_are_distinct():
 class _FakePredictor:
   """Maps an image to a cloud of its mean colour; an image whose first pixel is pure red predicts NaN."""
   image_size = 8
+  run_dir = "fake-run"
+  config = ml_collections.ConfigDict({"data": default_data_config()})  # the frame its pictures are drawn in
 
   def __call__(self, batch):
     means = batch.mean(axis=(1, 2, 3))
@@ -99,7 +102,8 @@ def test_predict_files_skips_bad_inputs_and_keeps_every_output(tmp_path):
   assert "red.png: non-finite sparse and dense prediction" in records[3]["error"]
   assert [os.path.basename(records[i]["npy"]) for i in (0, 2)] == ["a__x_png.npy", "b__x_png.npy"]
   assert not np.array_equal(np.load(records[0]["npy"]), np.load(records[2]["npy"]))  # neither overwrote the other
-  assert sorted(os.listdir(out)) == sorted(f"{s}__x_png.{e}" for s in "ab" for e in ("npy", "ply", "png"))
+  per_image = [f"{s}__x_png.{e}" for s in "ab" for e in ("npy", "ply", "png")]
+  assert sorted(os.listdir(out)) == sorted(per_image + ["pictures.png", "pictures_views.png", "viewer.html"])
   for bad in (0, -1):
     with pytest.raises(ValueError, match=r"batch_size \(--batch_size\) must be a positive int"):
       predict.predict_files(_FakePredictor(), paths, out, batch_size=bad)
