@@ -22,8 +22,8 @@ import pytest  # noqa: E402
 # Node-id prefixes of the tests that need the 8 fake CPU devices.
 CPU_MESH_TESTS = (
     "tests/test_train.py::test_sharded_step_matches_single_device",
-    "tests/test_transforms.py::test_shard_map_",
-    "tests/test_transforms.py::test_plain_jit_on_sharded_inputs_runs_per_shard",
+    "tests/test_jax_transforms.py::test_shard_map_",
+    "tests/test_jax_transforms.py::test_plain_jit_on_sharded_inputs_runs_per_shard",
     "tests/test_multihost.py::",
 )
 

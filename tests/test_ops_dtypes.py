@@ -1,6 +1,6 @@
 """Half-precision inputs for every op (issue 11, item 3): float16 / bfloat16 are computed in float32 inside.
 
-For every op of xla_ops.__all__ (the SPECS table of test_transforms): its floating outputs come back in the
+For every op of xla_ops.__all__ (the SPECS table of test_jax_transforms): its floating outputs come back in the
 input dtype and equal the float32 op on the same (up-cast) values, rounded once; its gradients come back in
 the input dtype and equal the float32 gradients rounded once. float64 is rejected with a clear error.
 The float32 paths themselves are checked against the numpy references in the per-op test files.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import xla_ops
-from test_transforms import OPS, SPECS, call, make_args
+from test_jax_transforms import OPS, SPECS, call, make_args
 
 HALF = [jnp.bfloat16, jnp.float16]
 

@@ -22,7 +22,7 @@ TESTS = pathlib.Path(__file__).resolve().parent
 XLA_OPS_TESTS = sorted(
     str(p) for p in TESTS.glob("test_*.py")
     if p.name.split(".")[0] in {"test_sampling", "test_chamfer", "test_grouping", "test_interpolation", "test_emd",
-                                "test_transforms"} or p.name.startswith("test_ops_"))
+                                "test_jax_transforms"} or p.name.startswith("test_ops_"))
 
 
 def _run(cmd, **kwargs):
