@@ -134,12 +134,12 @@ def approx_match(xyz1: jax.Array, xyz2: jax.Array, *, impl: str = "ffi") -> jax.
   """
   _checks.check_impl(impl)
   _check_pair(xyz1, xyz2)
-  _check_match_fits(xyz1, xyz2)
   dtype = _checks.out_dtype(xyz1, xyz2)
   return _approx_match_f32(*_checks.to_f32(xyz1, xyz2), impl).astype(dtype)
 
 
 def _approx_match_f32(xyz1, xyz2, impl):
+  _check_match_fits(xyz1, xyz2)
   xyz1, xyz2 = jax.lax.stop_gradient(xyz1), jax.lax.stop_gradient(xyz2)
   if impl == "jnp":
     return _approx_match_jnp(xyz1, xyz2)
