@@ -27,47 +27,77 @@ def _config(tmp_path, stage="sparse", steps=8):
   return config
 
 
+def _train(config, workdir, inputs_fn=standins.inputs, **kwargs):
+  """train.train_and_evaluate with the stand-in stage (tests/standins.py) and ``inputs_fn``."""
+  return train.train_and_evaluate(config, workdir, stage=standins.stage(config.stage), inputs_fn=inputs_fn,
+                                  **kwargs)
+
+
+class _Hooked:
+  """A training iterator that passes each batch through ``hook(position, batch) -> batch``, position being the
+  0-based number of the batch in the run (checkpointed and restored with the wrapped iterator's state)."""
+
+  def __init__(self, it, hook):
+    self.it, self.hook, self.position = it, hook, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = self.hook(self.position, next(self.it))
+    self.position += 1
+    return batch
+
+  def get_state(self):
+    return {"inner": self.it.get_state(), "position": self.position}
+
+  def set_state(self, state):
+    self.it.set_state(state["inner"])
+    self.position = state["position"]
+
+
+def _hooked_inputs(hook):
+  """standins.inputs with its training batches passed through ``hook`` (see _Hooked)."""
+  def inputs_fn(config):
+    inputs = standins.inputs(config)
+    return train.Inputs(train=_Hooked(inputs.train, hook), eval=inputs.eval)
+  return inputs_fn
+
+
 def _all_finite(tree):
   return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
-
-
-@pytest.fixture(name="patched")
-def _patched(monkeypatch):
-  standins.patch_training(monkeypatch.setattr)
-  return monkeypatch
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. A restart with another config or stage is refused; nothing is changed; --restart moves the run aside.
 
 
-def test_restart_with_another_config_is_refused_and_changes_nothing(tmp_path, patched):
-  del patched
+def test_restart_with_another_config_is_refused_and_changes_nothing(tmp_path):
   run = str(tmp_path / "run")
   config = _config(tmp_path)
-  train.train_and_evaluate(config, run)
+  _train(config, run)
   saved_config = open(os.path.join(run, "config.json")).read()
   before = {s: os.listdir(os.path.join(run, "checkpoints", str(s))) for s in _steps(run)}
 
   other = _config(tmp_path)
   other.learning_rate = 0.5
   with pytest.raises(workdir_lib.ConfigMismatchError, match=r"learning_rate: 0\.01 -> 0\.5"):
-    train.train_and_evaluate(other, run)
+    _train(other, run)
   wrong_stage = _config(tmp_path, stage="dense")
   with pytest.raises(workdir_lib.ConfigMismatchError, match=r'stage: "sparse" -> "dense"'):
-    train.train_and_evaluate(wrong_stage, run)
+    _train(wrong_stage, run)
   assert open(os.path.join(run, "config.json")).read() == saved_config
   assert {s: os.listdir(os.path.join(run, "checkpoints", str(s))) for s in _steps(run)} == before
   assert not os.path.exists(os.path.join(run, workdir_lib.LOCK_NAME))  # released after each refusal
 
   # Training longer is a resume, not a mismatch.
   longer = _config(tmp_path, steps=12)
-  assert int(train.train_and_evaluate(longer, run).step) == 12
+  assert int(_train(longer, run).step) == 12
   assert json.load(open(os.path.join(run, "config.json")))["num_train_steps"] == 12
 
   # An explicit restart moves the old run aside (nothing deleted) and starts from step 0.
   old_steps = _steps(run)
-  state = train.train_and_evaluate(other, run, restart=True)
+  state = _train(other, run, restart=True)
   assert int(state.step) == 8
   (previous,) = os.listdir(os.path.join(run, workdir_lib.PREVIOUS_RUNS))
   moved = os.path.join(run, workdir_lib.PREVIOUS_RUNS, previous)
@@ -76,15 +106,14 @@ def test_restart_with_another_config_is_refused_and_changes_nothing(tmp_path, pa
   assert json.load(open(os.path.join(run, "config.json")))["learning_rate"] == 0.5
 
 
-def test_checkpoint_of_another_model_is_a_mismatch_not_damage(tmp_path, patched):
+def test_checkpoint_of_another_model_is_a_mismatch_not_damage(tmp_path):
   """Without config.json to compare, the restore itself tells a different model from damaged files."""
-  del patched
   run = str(tmp_path / "run")
-  train.train_and_evaluate(_config(tmp_path), run)
+  _train(_config(tmp_path), run)
   os.remove(os.path.join(run, "config.json"))
   steps = _steps(run)
   with pytest.raises(checkpointing.CheckpointMismatchError, match=r"another model or stage: .*Dense_0"):
-    train.train_and_evaluate(_config(tmp_path, stage="dense"), run)
+    _train(_config(tmp_path, stage="dense"), run)
   assert _steps(run) == steps and not os.path.exists(os.path.join(run, checkpointing.DAMAGED_DIR))
   assert not os.path.exists(os.path.join(run, "config.json"))  # not rewritten for the refused config
 
@@ -103,55 +132,28 @@ def test_config_differences():
 
 
 def _nan_at(batch_number):
-  """Stand-in iterators whose training batch number ``batch_number`` (0-based) has NaN ground truth."""
-  def make_iterators(config, local_batch):
-    train_iter, eval_fn = standins.make_iterators(config, local_batch)
-    original = train_iter.__next__
-
-    def poisoned():
-      position = train_iter.position
-      batch = original()
-      if position == batch_number:
-        batch = dict(batch, points_dense=np.full_like(batch["points_dense"], np.nan))
-      return batch
-    train_iter.__next__ = poisoned
-    return _Wrapped(train_iter), eval_fn
-  return make_iterators
+  """Stand-in inputs whose training batch number ``batch_number`` (0-based) has NaN ground truth."""
+  def poison(position, batch):
+    if position == batch_number:
+      batch = dict(batch, points_dense=np.full_like(batch["points_dense"], np.nan))
+    return batch
+  return _hooked_inputs(poison)
 
 
-class _Wrapped:
-  def __init__(self, it):
-    self.it = it
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    return self.it.__next__()
-
-  def get_state(self):
-    return self.it.get_state()
-
-  def set_state(self, state):
-    self.it.set_state(state)
-
-
-def test_first_nonfinite_step_stops_the_run_and_saves_nothing(tmp_path, patched):
-  patched.setattr(train, "_make_iterators", _nan_at(5))  # the 6th step
+def test_first_nonfinite_step_stops_the_run_and_saves_nothing(tmp_path):
   run = str(tmp_path / "run")
   with pytest.raises(nonfinite.NonFiniteError, match=r"step 6: non-finite cd, loss .*gradient"):
-    train.train_and_evaluate(_config(tmp_path, steps=12), run)
+    _train(_config(tmp_path, steps=12), run, inputs_fn=_nan_at(5))  # the 6th step
   assert _steps(run) == [4]
   assert _all_finite(checkpointing.load_variables(run))
   assert not os.path.exists(os.path.join(run, workdir_lib.LOCK_NAME))
 
 
-def test_skip_policy_drops_and_counts_nonfinite_steps(tmp_path, patched):
-  patched.setattr(train, "_make_iterators", _nan_at(5))
+def test_skip_policy_drops_and_counts_nonfinite_steps(tmp_path):
   run = str(tmp_path / "run")
   config = _config(tmp_path, steps=12)
   config.nonfinite_policy = "skip"
-  state = train.train_and_evaluate(config, run)
+  state = _train(config, run, inputs_fn=_nan_at(5))
   assert int(state.step) == 12 and _all_finite(state.params)
   records = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
   records = [r for r in records if r["split"] == "train"]
@@ -160,11 +162,11 @@ def test_skip_policy_drops_and_counts_nonfinite_steps(tmp_path, patched):
   assert _steps(run) == [4, 8, 12]
 
 
-def test_nonfinite_step_keeps_the_previous_state():
-  model = standins.build_model(None, "sparse")
-  tx = optax.adam(1e-2)
-  loss_fn = lambda outputs, batch, params: standins.compute_loss("sparse", outputs, batch, params, None, "jnp")
-  batch = train.select_batch(next(standins.ArrayIterator(8, seed=0, shuffle=False)), "sparse")
+def test_nonfinite_step_keeps_the_previous_state(tmp_path):
+  config = _config(tmp_path)
+  stage = standins.stage("sparse")
+  model, loss_fn, tx = stage.build_model(config), stage.make_loss_fn(config), optax.adam(1e-2)
+  batch = train.select_batch(next(standins.inputs(config).train), stage)
   state = train.create_train_state(model, tx, jax.tree.map(jnp.asarray, batch), seed=0)
   before = jax.device_get(state)
   step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, loss_fn=loss_fn))
@@ -180,9 +182,8 @@ def test_nonfinite_step_keeps_the_previous_state():
   assert not np.array_equal(np.asarray(good.params["Dense_0"]["kernel"]), before.params["Dense_0"]["kernel"])
 
 
-def test_save_refuses_nonfinite_state(tmp_path, patched):
-  del patched
-  state = train.train_and_evaluate(_config(tmp_path, steps=4), str(tmp_path / "run"))
+def test_save_refuses_nonfinite_state(tmp_path):
+  state = _train(_config(tmp_path, steps=4), str(tmp_path / "run"))
   ckpt = checkpointing.Checkpointer(str(tmp_path / "other"), 1, 3)
   bad = state.replace(params=jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.ndim == 1 else x, state.params))
   with pytest.raises(checkpointing.NonFiniteStateError, match="refusing to save step 5: non-finite"):
@@ -221,11 +222,10 @@ def _random_bytes_into(folder, seed=0):
           f.write(rng.integers(0, 256, min(size, 4096), dtype=np.uint8).tobytes())
 
 
-def test_garbage_in_a_checkpoint_is_damage_falls_back_and_deletes_nothing(tmp_path, patched):
-  del patched
+def test_garbage_in_a_checkpoint_is_damage_falls_back_and_deletes_nothing(tmp_path):
   run = str(tmp_path / "run")
   config = _config(tmp_path)
-  train.train_and_evaluate(config, run)
+  _train(config, run)
   good = checkpointing.load_variables(os.path.join(run, "checkpoints"), step=4)
   _random_bytes_into(os.path.join(run, "checkpoints", "8", "variables"))
   # Inference falls back (with a warning) without touching the run.
@@ -234,17 +234,16 @@ def test_garbage_in_a_checkpoint_is_damage_falls_back_and_deletes_nothing(tmp_pa
   assert _steps(run) == [4, 8]
   # Training resumes from 4, keeps the damaged step for inspection and saves a good step 8 again.
   config.num_train_steps = 12
-  train.train_and_evaluate(config, run)
+  _train(config, run)
   assert _steps(run) == [4, 8, 12]
   assert os.listdir(os.path.join(run, checkpointing.DAMAGED_DIR)) == ["8"]
   assert _all_finite(checkpointing.load_variables(run))
 
 
-def test_checksum_mismatch_is_damage(tmp_path, patched):
+def test_checksum_mismatch_is_damage(tmp_path):
   """Readable files whose values differ from what was saved (here: the recorded fingerprint is altered)."""
-  del patched
   run = str(tmp_path / "run")
-  train.train_and_evaluate(_config(tmp_path), run)
+  _train(_config(tmp_path), run)
   path = os.path.join(run, "checkpoints", "8", "checksums", "metadata")
   saved = json.load(open(path))
   saved["fingerprints"]["variables/params/Dense_0/kernel"] ^= 1
@@ -255,10 +254,9 @@ def test_checksum_mismatch_is_damage(tmp_path, patched):
                checkpointing.load_variables(run, step=4))
 
 
-def test_predict_from_a_run_without_a_usable_checkpoint_fails_clearly(tmp_path, patched):
-  del patched
+def test_predict_from_a_run_without_a_usable_checkpoint_fails_clearly(tmp_path):
   run = str(tmp_path / "run")
-  train.train_and_evaluate(_config(tmp_path), run)
+  _train(_config(tmp_path), run)
   for step in _steps(run):
     _random_bytes_into(os.path.join(run, "checkpoints", str(step), "variables"), seed=step)
   with pytest.raises(ValueError, match=r"no usable checkpoint under .*step 8: .*step 4: "):
@@ -269,8 +267,7 @@ def test_predict_from_a_run_without_a_usable_checkpoint_fails_clearly(tmp_path, 
 # 4. One run per workdir; writability; a failed save stops the run at once.
 
 
-def test_second_launcher_is_refused_at_once(tmp_path, patched):
-  del patched
+def test_second_launcher_is_refused_at_once(tmp_path):
   run = str(tmp_path / "run")
   os.makedirs(run)
   with workdir_lib.RunLock(run):
@@ -278,7 +275,7 @@ def test_second_launcher_is_refused_at_once(tmp_path, patched):
     assert info["pid"] == os.getpid()
     start = time.time()
     with pytest.raises(workdir_lib.WorkdirLockedError, match=rf"in use by another training run: pid {os.getpid()}"):
-      train.train_and_evaluate(_config(tmp_path), run)
+      _train(_config(tmp_path), run)
     assert time.time() - start < 5
     assert os.listdir(run) == [workdir_lib.LOCK_NAME]  # nothing written
   assert not os.path.exists(os.path.join(run, workdir_lib.LOCK_NAME))
@@ -295,37 +292,29 @@ def test_lock_of_a_killed_run_is_taken_over(tmp_path):
     assert json.load(open(lock.path))["pid"] == os.getpid()
 
 
-def test_unwritable_workdir_is_refused_before_anything_runs(tmp_path, patched):
-  del patched
+def test_unwritable_workdir_is_refused_before_anything_runs(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
   with pytest.raises(workdir_lib.WorkdirNotWritableError, match="cannot create the workdir"):
-    train.train_and_evaluate(_config(tmp_path), str(blocker / "run"))
+    _train(_config(tmp_path), str(blocker / "run"))
   with pytest.raises(workdir_lib.WorkdirNotWritableError, match="cannot write to"):
     workdir_lib.check_writable(str(blocker / "sub"))
 
 
-def test_failed_save_stops_the_run_at_once(tmp_path, patched):
+def test_failed_save_stops_the_run_at_once(tmp_path):
   """The checkpoints folder turns into a file after step 2: the step-4 save fails; the run stops there."""
   run = str(tmp_path / "run")
 
-  def make_iterators(config, local_batch):
-    train_iter, eval_fn = standins.make_iterators(config, local_batch)
-    original = train_iter.__next__
+  def sabotage(position, batch):
+    if position == 2:
+      folder = os.path.join(run, "checkpoints")
+      os.rename(folder, folder + ".moved")
+      with open(folder, "w") as f:
+        f.write("not a folder")
+    return batch
 
-    def sabotaged():
-      if train_iter.position == 2:
-        folder = os.path.join(run, "checkpoints")
-        os.rename(folder, folder + ".moved")
-        with open(folder, "w") as f:
-          f.write("not a folder")
-      return original()
-    train_iter.__next__ = sabotaged
-    return _Wrapped(train_iter), eval_fn
-
-  patched.setattr(train, "_make_iterators", make_iterators)
   start = time.time()
   with pytest.raises(checkpointing.CheckpointSaveError, match=r"saving checkpoint .* failed .*Training stopped"):
-    train.train_and_evaluate(_config(tmp_path, steps=40), run)
+    _train(_config(tmp_path, steps=40), run, inputs_fn=_hooked_inputs(sabotage))
   assert time.time() - start < 60
   assert not os.path.exists(os.path.join(run, workdir_lib.LOCK_NAME))
