@@ -45,7 +45,7 @@ RESUMABLE_FIELDS = (
     "num_train_steps", "log_every", "eval_every", "eval_batches", "eval_batch_size", "eval_split",
     "checkpoint_every", "keep_checkpoints", "nonfinite_policy", "init.*", "distributed.*",
     "data.root", "data.num_workers", "data.prefetch", "data.skip_missing", "data.psgn_split_dir",
-    "data.r2n2_split_file", "model.ops_impl",
+    "data.r2n2_split_file", "ops_impl",
 )
 
 

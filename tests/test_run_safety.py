@@ -1,5 +1,6 @@
 """A run never destroys or hides a result: mismatched restarts, non-finite steps, damaged checkpoints, a
 second launcher, unwritable folders and failed saves (docs/guarantees.md)."""
+import fnmatch
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import optax
 import pytest
 
 import standins
+from configs import default
 from dpcr_jax import checkpointing, nonfinite, train, workdir as workdir_lib
 
 
@@ -90,10 +92,12 @@ def test_restart_with_another_config_is_refused_and_changes_nothing(tmp_path):
   assert {s: os.listdir(os.path.join(run, "checkpoints", str(s))) for s in _steps(run)} == before
   assert not os.path.exists(os.path.join(run, workdir_lib.LOCK_NAME))  # released after each refusal
 
-  # Training longer is a resume, not a mismatch.
+  # Training longer, or with the other ops backend, is a resume, not a mismatch.
   longer = _config(tmp_path, steps=12)
+  longer.ops_impl = "ffi"
   assert int(_train(longer, run).step) == 12
-  assert json.load(open(os.path.join(run, "config.json")))["num_train_steps"] == 12
+  saved = json.load(open(os.path.join(run, "config.json")))
+  assert saved["num_train_steps"] == 12 and saved["ops_impl"] == "ffi"
 
   # An explicit restart moves the old run aside (nothing deleted) and starts from step 0.
   old_steps = _steps(run)
@@ -116,6 +120,14 @@ def test_checkpoint_of_another_model_is_a_mismatch_not_damage(tmp_path):
     _train(_config(tmp_path, stage="dense"), run)
   assert _steps(run) == steps and not os.path.exists(os.path.join(run, checkpointing.DAMAGED_DIR))
   assert not os.path.exists(os.path.join(run, "config.json"))  # not rewritten for the refused config
+
+
+def test_resumable_fields_name_fields_of_the_config():
+  """A field renamed or moved in configs/ must be renamed in RESUMABLE_FIELDS too, or resuming is refused."""
+  config = json.loads(default.base_config("finetune").to_json())
+  fields = set(workdir_lib._flatten(config))  # pylint: disable=protected-access
+  for pattern in workdir_lib.RESUMABLE_FIELDS:
+    assert fnmatch.filter(fields, pattern), f"RESUMABLE_FIELDS names {pattern!r}, which no config field matches"
 
 
 def test_config_differences():
