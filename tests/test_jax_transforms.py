@@ -16,7 +16,7 @@ import os
 import re
 import subprocess
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,6 @@ import grain
 import ml_collections
 import numpy as np
 
-from dpcr_jax.data import categories
 from dpcr_jax.data.attdpcr_h5 import AttDPCRH5Source
 from dpcr_jax.data.common import DataError
 from dpcr_jax.data.pix3d import Pix3DSource
