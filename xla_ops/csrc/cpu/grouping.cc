@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "distance.h"
+#include "kdtree.h"
 
 // 256-bit GCC vector types are passed between inline helpers only; silence the ABI note about them.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -36,6 +37,19 @@ ffi::Future Fail(ffi::Error e) {
 // ---- ball_query ---------------------------------------------------------------------------------
 
 constexpr const char* kBallQuery = "xla_ops_ball_query";
+
+// ball_query searches a k-d tree (kdtree.h) of each example's xyz, rather than scanning xyz in index order
+// (which stops after nsample hits), from these sizes on. Both give identical results. MEASURED: TODO
+constexpr int64_t kBallTreeMinPoints = 256;
+constexpr int64_t kBallTreeMinQueries = 16;
+bool UseBallTree(int64_t n, int64_t m) { return UseTree(n >= kBallTreeMinPoints && m >= kBallTreeMinQueries); }
+
+// Fills the unused slots o[hits:ns) with the first hit (0 for an empty ball) and stores the count.
+inline void PadBall(int32_t* o, int64_t hits, int64_t ns, int32_t* count) {
+  const int32_t fill = hits > 0 ? o[0] : 0;
+  for (int64_t s = hits; s < ns; ++s) o[s] = fill;
+  *count = static_cast<int32_t>(hits);
+}
 
 ffi::Future BallQueryImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, ffi::AnyBuffer new_xyz, float radius,
                           int32_t nsample, ffi::Result<ffi::AnyBuffer> idx, ffi::Result<ffi::AnyBuffer> count) {
@@ -61,18 +75,31 @@ ffi::Future BallQueryImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, ffi::AnyBuff
   const float* pq = new_xyz.typed_data<float>();
   int32_t* out_idx = idx->typed_data<int32_t>();
   int32_t* out_cnt = count->typed_data<int32_t>();
+  if (!UseBallTree(n, m)) {
+    return ParallelFor(pool, nb * m, 64, [=](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const float* p = px + (row / m) * n * 3;
+        const float qx = pq[3 * row], qy = pq[3 * row + 1], qz = pq[3 * row + 2];
+        int32_t* o = out_idx + row * ns;
+        int64_t hits = 0;
+        for (int64_t j = 0; j < n && hits < ns; ++j) {
+          if (SqDist3(p[3 * j], p[3 * j + 1], p[3 * j + 2], qx, qy, qz) < r2) o[hits++] = static_cast<int32_t>(j);
+        }
+        PadBall(o, hits, ns, out_cnt + row);
+      }
+    });
+  }
+  // The same hits through each example's tree: the ns smallest ids with d^2 < r2, ascending. Points and
+  // queries with a NaN/Inf coordinate have NaN or +inf distances, never < r2: the tree leaves them out and
+  // such a query gets an empty ball, as in the scan above.
+  auto trees = std::make_shared<LazyTrees>(px, nb, n);  // kept alive by the tasks' copies
   return ParallelFor(pool, nb * m, 64, [=](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const float* p = px + (row / m) * n * 3;
-      const float qx = pq[3 * row], qy = pq[3 * row + 1], qz = pq[3 * row + 2];
+      const float* q = pq + 3 * row;
       int32_t* o = out_idx + row * ns;
       int64_t hits = 0;
-      for (int64_t j = 0; j < n && hits < ns; ++j) {
-        if (SqDist3(p[3 * j], p[3 * j + 1], p[3 * j + 2], qx, qy, qz) < r2) o[hits++] = static_cast<int32_t>(j);
-      }
-      const int32_t fill = hits > 0 ? o[0] : 0;
-      for (int64_t s = hits; s < ns; ++s) o[s] = fill;
-      out_cnt[row] = static_cast<int32_t>(hits);
+      if (IsFinite3(q)) trees->Get(row / m).Ball(q[0], q[1], q[2], r2, ns, o, &hits);
+      PadBall(o, hits, ns, out_cnt + row);
     }
   });
 }
@@ -300,32 +327,6 @@ float SqNorm(const float* a, int64_t c) {
   return s;
 }
 
-// Sorted (distance, index) buffer of the k best candidates so far. Candidates arrive in increasing index
-// order, so a candidate enters iff (d, j) < (worst_d, worst_j) lexicographically, and ties keep the earlier
-// index. Empty slots are (+inf, INT32_MAX). Distances must not be NaN.
-struct TopK {
-  float* d;
-  int32_t* i;
-  int64_t k;
-
-  void Reset() {
-    std::fill(d, d + k, std::numeric_limits<float>::infinity());
-    std::fill(i, i + k, std::numeric_limits<int32_t>::max());
-  }
-  float Worst() const { return d[k - 1]; }
-  void Push(float x, int32_t j) {
-    if (x > d[k - 1] || (x == d[k - 1] && j > i[k - 1])) return;
-    int64_t pos = k - 1;
-    while (pos > 0 && (d[pos - 1] > x || (d[pos - 1] == x && i[pos - 1] > j))) {
-      d[pos] = d[pos - 1];
-      i[pos] = i[pos - 1];
-      --pos;
-    }
-    d[pos] = x;
-    i[pos] = j;
-  }
-};
-
 // Calls visit(j) for every j < n (in increasing order) whose key is not > threshold() (NaN keys are
 // visited too), where threshold() is re-read after every visit. keys has a multiple of 8 entries.
 template <typename Threshold, typename Visit>
@@ -456,6 +457,32 @@ void KnnQueries(const Kernels& kernels, const float* q, const float* r, int64_t 
   }
 }
 
+// knn at C = 3 through a k-d tree of each example's refs (kdtree.h), from these sizes on; below them (and
+// for C != 3) the brute force above, which gives identical results. MEASURED: TODO
+constexpr int64_t kKnnTreeMinRefs = 512;
+constexpr int64_t kKnnTreeMaxKFraction = 8;  // tree only while k * this <= N
+bool UseKnnTree(int64_t n, int64_t m, int64_t c, int64_t k) {
+  return c == 3 && UseTree(n >= kKnnTreeMinRefs && k * kKnnTreeMaxKFraction <= n && m >= 16);
+}
+
+// The k nearest refs of one query q[3] from the tree of its example's refs; out_d / out_i: [k]. Same result
+// as KnnQueries: refs with a NaN/Inf coordinate (not in the tree) and every ref of a query with one are at
+// distance NaN or +inf, which rank as +inf, ties by index.
+void KnnTreeQuery(const KdTree& tree, const float* q, int64_t kk, float* out_d, int32_t* out_i) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  if (!IsFinite3(q)) {
+    for (int64_t j = 0; j < kk; ++j) out_d[j] = kInf, out_i[j] = static_cast<int32_t>(j);
+    return;
+  }
+  TopK top{out_d, out_i, kk};
+  top.Reset();
+  tree.KNearest(q[0], q[1], q[2], &top);
+  for (const int32_t j : tree.nonfinite()) {  // ascending ids: stop at the first that cannot enter
+    if (!PairLess(kInf, j, top.Worst(), top.WorstIndex())) break;
+    top.Push(kInf, j);
+  }
+}
+
 ffi::Future KnnImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer ref, int32_t k,
                     ffi::Result<ffi::AnyBuffer> dist, ffi::Result<ffi::AnyBuffer> idx) {
   auto sq = AsPointShape(query.dimensions(), "query");
@@ -481,6 +508,14 @@ ffi::Future KnnImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer r
   const float* pr = ref.typed_data<float>();
   float* out_d = dist->typed_data<float>();
   int32_t* out_i = idx->typed_data<int32_t>();
+  if (UseKnnTree(n, m, c, kk)) {
+    auto trees = std::make_shared<LazyTrees>(pr, nb, n);  // kept alive by the tasks' copies
+    return ParallelFor(pool, nb * m, 64, [=](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        KnnTreeQuery(trees->Get(row / m), pq + 3 * row, kk, out_d + row * kk, out_i + row * kk);
+      }
+    });
+  }
   static const Kernels kernels = SelectKernels();
   // Work items are queries; a task prepares the refs of each example it touches (N * C copies), so it gets
   // enough queries to amortise that.

@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "distance.h"
+#include "kdtree.h"
 
 namespace xla_ops {
 namespace {
@@ -19,6 +20,10 @@ constexpr const char* kNnOp = "xla_ops_three_nn";
 constexpr const char* kInterpOp = "xla_ops_three_interpolate";
 constexpr const char* kGradOp = "xla_ops_three_interpolate_grad";
 constexpr int64_t kChannelBlock = 16;
+// three_nn searches a k-d tree of each example's known points (kdtree.h) from these sizes on; below them the
+// brute-force scan, which gives identical results. MEASURED: TODO
+constexpr int64_t kThreeNnTreeMinKnown = 64;
+constexpr int64_t kThreeNnTreeMinUnknown = 16;
 
 ffi::Future Fail(ffi::Error error) {
   ffi::Promise p;
@@ -47,6 +52,25 @@ ffi::Future ThreeNnImpl(ffi::ThreadPool pool, ffi::AnyBuffer unknown, ffi::AnyBu
   const float* pk = known.typed_data<float>();
   float* pd = dist->typed_data<float>();
   int32_t* pi = idx->typed_data<int32_t>();
+  if (UseTree(m >= kThreeNnTreeMinKnown && n >= kThreeNnTreeMinUnknown)) {
+    // The same result through a k-d tree of each example's known points (kdtree.h): the 3 smallest
+    // (distance, index) pairs, of which those with distance +inf become the padding (+inf, 0), as the scan
+    // below (strict <) never takes an infinite distance. Known points with a NaN/Inf coordinate (left out
+    // of the tree) and every known point of such an unknown one are at NaN or +inf: never taken.
+    auto trees = std::make_shared<LazyTrees>(pk, su->b, m);  // kept alive by the tasks' copies
+    return ParallelFor(pool, su->b * n, 64, [=](int64_t begin, int64_t end) {
+      constexpr float kInf = std::numeric_limits<float>::infinity();
+      for (int64_t t = begin; t < end; ++t) {
+        const float* q = pu + 3 * t;
+        TopK top{pd + 3 * t, pi + 3 * t, 3};
+        top.Reset();
+        if (IsFinite3(q)) trees->Get(t / n).KNearest(q[0], q[1], q[2], &top);
+        for (int j = 0; j < 3; ++j) {
+          if (!(top.d[j] < kInf)) top.d[j] = kInf, top.i[j] = 0;
+        }
+      }
+    });
+  }
   return ParallelFor(pool, su->b * n, 64, [=](int64_t begin, int64_t end) {
     constexpr float kInf = std::numeric_limits<float>::infinity();
     for (int64_t t = begin; t < end; ++t) {
