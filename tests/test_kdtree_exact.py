@@ -114,6 +114,8 @@ def test_three_nn_tree_equals_brute_force(kind, n, m):
     (1500, 60, 0.15, 16),  # partly filled and full balls
     (1500, 60, 1.0, 32),   # grid: r^2 = 1 is hit exactly by many points (strict <: not inside)
     (800, 40, 0.5, 1),
+    (1500, 60, 0.5, 64),   # grid: sparse balls (the tree answers them), r^2 = 0.25 hit exactly
+    (3000, 60, 0.08, 16),
     (800, 40, 30.0, 64),   # every finite point inside: first nsample by index
     (100, 8, 0.3, 200),    # nsample > N
 ])

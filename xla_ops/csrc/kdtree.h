@@ -131,10 +131,12 @@ class KdTree {
     if (!nodes_.empty()) KNearestNode(0, x, y, z, top);
   }
 
-  // The ids of the points with SqDist3 < r2 from the finite query (x, y, z): the smallest `cap` of them in
-  // ascending order go to ids[0:*count] (*count starts at 0).
-  void Ball(float x, float y, float z, float r2, int64_t cap, int32_t* ids, int64_t* count) const {
-    if (!nodes_.empty()) BallNode(0, x, y, z, r2, cap, ids, count);
+  // The ids >= first_id of the points with SqDist3 < r2 from the finite query (x, y, z), merged into the
+  // ascending ids[0:*count] (*count <= cap, all of them < first_id): afterwards ids[0:*count] holds the
+  // smallest `cap` of the union, ascending.
+  void Ball(float x, float y, float z, float r2, int32_t first_id, int64_t cap, int32_t* ids,
+            int64_t* count) const {
+    if (!nodes_.empty()) BallNode(0, x, y, z, r2, first_id, cap, ids, count);
   }
 
  private:
@@ -238,7 +240,7 @@ class KdTree {
     if (PairLess(far_bound, nodes_[far].min_id, top->Worst(), top->WorstIndex())) KNearestNode(far, x, y, z, top);
   }
 
-  void BallNode(int32_t index, float x, float y, float z, float r2, int64_t cap, int32_t* ids,
+  void BallNode(int32_t index, float x, float y, float z, float r2, int32_t first_id, int64_t cap, int32_t* ids,
                 int64_t* count) const {
     const Node& node = nodes_[index];
     if (!(BoxSqDist(node, x, y, z) < r2)) return;                 // no point of the box is inside
@@ -246,7 +248,7 @@ class KdTree {
     if (node.right < 0) {
       for (int32_t k = node.begin; k < node.end; ++k) {
         const Point& p = points_[k];
-        if (*count == cap && p.id > ids[cap - 1]) continue;
+        if (p.id < first_id || (*count == cap && p.id > ids[cap - 1])) continue;
         if (!(SqDist3(p.x, p.y, p.z, x, y, z) < r2)) continue;
         int64_t pos = *count < cap ? (*count)++ : cap - 1;  // insert p.id into the sorted ids
         while (pos > 0 && ids[pos - 1] > p.id) {
@@ -260,8 +262,8 @@ class KdTree {
     // Lower ids first, so that a full buffer prunes the other child by min_id.
     int32_t first = index + 1, second = node.right;
     if (nodes_[second].min_id < nodes_[first].min_id) std::swap(first, second);
-    BallNode(first, x, y, z, r2, cap, ids, count);
-    BallNode(second, x, y, z, r2, cap, ids, count);
+    BallNode(first, x, y, z, r2, first_id, cap, ids, count);
+    BallNode(second, x, y, z, r2, first_id, cap, ids, count);
   }
 
   std::vector<Point> points_;

@@ -39,9 +39,18 @@ ffi::Future Fail(ffi::Error e) {
 constexpr const char* kBallQuery = "xla_ops_ball_query";
 
 // ball_query searches a k-d tree (kdtree.h) of each example's xyz, rather than scanning xyz in index order
-// (which stops after nsample hits), from these sizes on. Both give identical results. MEASURED: TODO
-constexpr int64_t kBallTreeMinPoints = 256;
-constexpr int64_t kBallTreeMinQueries = 16;
+// (which stops after nsample hits), from these sizes on. Both give identical results. Measured with
+// XLA_OPS_CPU_SEARCH=tree|brute (shared 2-core Xeon, B=4, M=N/4, nsample=32, uniform unit cube), brute/tree
+// time at r=0.1: 0.54 at N=512, 0.91 at 1024, 1.14 at 2048, 2.0 at 16384; at r=0.3 (big balls: the scan
+// stops early) the tree path loses (0.6-0.7) up to N=2048, which the per-query choice below limits.
+constexpr int64_t kBallTreeMinPoints = 4096;
+constexpr int64_t kBallTreeMinQueries = 64;  // fewer queries do not pay for building the trees
+// The prefix of xyz (in index order) that every query scans before it turns to the tree.
+constexpr int64_t kBallScanFirst = 256;
+// The tree's cost in scanned-point equivalents: per hit in the ball, and per search (tuned on the cases
+// above: r = 0.1 and 0.3 at N = 2048 and 16384, r = 0.05 at N = 8192).
+constexpr double kBallTreeCostPerHit = 16.0;
+constexpr double kBallTreeCostBase = 256.0;
 bool UseBallTree(int64_t n, int64_t m) { return UseTree(n >= kBallTreeMinPoints && m >= kBallTreeMinQueries); }
 
 // Fills the unused slots o[hits:ns) with the first hit (0 for an empty ball) and stores the count.
@@ -92,13 +101,34 @@ ffi::Future BallQueryImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, ffi::AnyBuff
   // The same hits through each example's tree: the ns smallest ids with d^2 < r2, ascending. Points and
   // queries with a NaN/Inf coordinate have NaN or +inf distances, never < r2: the tree leaves them out and
   // such a query gets an empty ball, as in the scan above.
+  // A query first scans a prefix of xyz as above. A ball that holds a large fraction of xyz fills by
+  // scanning in far fewer steps than a tree search, which must find the lowest ids among all the hits; the
+  // prefix's hit rate f estimates both costs: scanning on, about (ns - hits) / f points; the tree, about
+  // kBallTreeCostPerHit * f * n + kBallTreeCostBase. The cheaper one finishes the query (identical results).
+  const int64_t prefix = std::min(n, kBallScanFirst);
   auto trees = std::make_shared<LazyTrees>(px, nb, n);  // kept alive by the tasks' copies
   return ParallelFor(pool, nb * m, 64, [=](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
+      const float* p = px + (row / m) * n * 3;
       const float* q = pq + 3 * row;
       int32_t* o = out_idx + row * ns;
       int64_t hits = 0;
-      if (IsFinite3(q)) trees->Get(row / m).Ball(q[0], q[1], q[2], r2, ns, o, &hits);
+      int64_t j = 0;
+      for (; j < prefix && hits < ns; ++j) {
+        if (SqDist3(p[3 * j], p[3 * j + 1], p[3 * j + 2], q[0], q[1], q[2]) < r2) o[hits++] = static_cast<int32_t>(j);
+      }
+      if (hits < ns && j < n && IsFinite3(q)) {
+        const double rate = static_cast<double>(hits) / static_cast<double>(j);
+        const bool scan_on = hits > 0 && static_cast<double>(ns - hits) / rate <
+                                              kBallTreeCostPerHit * rate * static_cast<double>(n) + kBallTreeCostBase;
+        if (scan_on) {
+          for (; j < n && hits < ns; ++j) {
+            if (SqDist3(p[3 * j], p[3 * j + 1], p[3 * j + 2], q[0], q[1], q[2]) < r2) o[hits++] = static_cast<int32_t>(j);
+          }
+        } else {
+          trees->Get(row / m).Ball(q[0], q[1], q[2], r2, static_cast<int32_t>(j), ns, o, &hits);
+        }
+      }
       PadBall(o, hits, ns, out_cnt + row);
     }
   });
@@ -457,12 +487,16 @@ void KnnQueries(const Kernels& kernels, const float* q, const float* r, int64_t 
   }
 }
 
-// knn at C = 3 through a k-d tree of each example's refs (kdtree.h), from these sizes on; below them (and
-// for C != 3) the brute force above, which gives identical results. MEASURED: TODO
-constexpr int64_t kKnnTreeMinRefs = 512;
-constexpr int64_t kKnnTreeMaxKFraction = 8;  // tree only while k * this <= N
-bool UseKnnTree(int64_t n, int64_t m, int64_t c, int64_t k) {
-  return c == 3 && UseTree(n >= kKnnTreeMinRefs && k * kKnnTreeMaxKFraction <= n && m >= 16);
+// knn at C = 3 through a k-d tree of each example's refs (kdtree.h) from kKnnTreeMinRefs refs on; below
+// (and for C != 3) the brute force above, which gives identical results. Measured with
+// XLA_OPS_CPU_SEARCH=tree|brute (shared 2-core Xeon, B=4, self-knn of uniform clouds), brute/tree time:
+// N=64: 0.84 (k=1), 0.87 (k=20); N=128: 0.88 (k=1), 1.28 (k=20); N=256: 0.94-1.41 for k=1..256 (k=N);
+// N=1024: 2.0 (k=1), 1.6 (k=20), 1.25 (k=N); N=8192: 8.5 (k=1), 3.2 (k=20). Large k does not favour brute
+// force (its sorted top-k insertion costs the same), so only N decides.
+constexpr int64_t kKnnTreeMinRefs = 256;
+constexpr int64_t kKnnTreeMinQueries = 16;  // fewer queries do not pay for building the trees
+bool UseKnnTree(int64_t n, int64_t m, int64_t c) {
+  return c == 3 && UseTree(n >= kKnnTreeMinRefs && m >= kKnnTreeMinQueries);
 }
 
 // The k nearest refs of one query q[3] from the tree of its example's refs; out_d / out_i: [k]. Same result
@@ -508,7 +542,7 @@ ffi::Future KnnImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer r
   const float* pr = ref.typed_data<float>();
   float* out_d = dist->typed_data<float>();
   int32_t* out_i = idx->typed_data<int32_t>();
-  if (UseKnnTree(n, m, c, kk)) {
+  if (UseKnnTree(n, m, c)) {
     auto trees = std::make_shared<LazyTrees>(pr, nb, n);  // kept alive by the tasks' copies
     return ParallelFor(pool, nb * m, 64, [=](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {

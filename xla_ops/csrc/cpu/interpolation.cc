@@ -21,8 +21,10 @@ constexpr const char* kInterpOp = "xla_ops_three_interpolate";
 constexpr const char* kGradOp = "xla_ops_three_interpolate_grad";
 constexpr int64_t kChannelBlock = 16;
 // three_nn searches a k-d tree of each example's known points (kdtree.h) from these sizes on; below them the
-// brute-force scan, which gives identical results. MEASURED: TODO
-constexpr int64_t kThreeNnTreeMinKnown = 64;
+// brute-force scan, which gives identical results. Measured with XLA_OPS_CPU_SEARCH=tree|brute (shared
+// 2-core Xeon, B=4, n=m, uniform clouds), brute/tree time: 0.86 at m=16, 0.96 at 64, 1.47 at 128, 1.24 at
+// 256, 11.8 at 8192.
+constexpr int64_t kThreeNnTreeMinKnown = 128;
 constexpr int64_t kThreeNnTreeMinUnknown = 16;
 
 ffi::Future Fail(ffi::Error error) {
