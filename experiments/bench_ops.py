@@ -175,6 +175,29 @@ def _ball_ckdtree(s):
                   for x, q in zip(xyz, new_xyz)]
 
 
+def _three_nn(impl):
+  def setup(s):
+    unknown, known = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+    return _jax_runner(lambda u, k: _xla_op("three_nn")(u, k, impl=impl), unknown, known)
+  return setup
+
+
+def _three_nn_ckdtree(s):
+  from scipy.spatial import cKDTree
+  unknown, known = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+  return lambda: [cKDTree(k).query(u, k=3, workers=-1) for u, k in zip(unknown, known)]
+
+
+def _identical(op):
+  """knn (k = s["k"]) or three_nn of a cloud of N identical points with itself: every distance ties."""
+  def setup(s):
+    import numpy as np
+    x = np.full((s["B"], s["N"], 3), 0.5, np.float32)
+    fn = (lambda x: _xla_op("knn")(x, x, s["k"])) if op == "knn" else (lambda x: _xla_op("three_nn")(x, x))
+    return _jax_runner(fn, x)
+  return setup
+
+
 def _emd(impl):
   def setup(s):
     x1, x2 = _clouds(s, ("B", "N", 3), ("B", "M", 3))
@@ -236,6 +259,30 @@ CASES = (
          (Impl("ffi", _ball("ffi"), "xla_ops.ball_query"), Impl("jnp", _ball("jnp"), "xla_ops.ball_query"),
           Impl("scipy cKDTree (all hits)", _ball_ckdtree, "scipy.spatial")),
          gpu=dict(B=32, N=16384, M=1024, radius=0.1, nsample=32)),
+    # 3-D knn and three_nn (issue 11, item 5): k-d trees on the CPU (the same results as brute force).
+    Case("knn 3-D k=20", dict(B=4, N=8192, C=3, k=20), dict(B=2, N=512, C=3, k=20),
+         lambda s: f"B={s['B']} N=M={s['N']} C=3 k={s['k']}",
+         lambda s: s["B"] * s["N"] * s["N"] * 3 * s["C"], "B*N*N pairs x 3C (brute-force count)",
+         (Impl("ffi", _knn("ffi"), "xla_ops.knn"), Impl("jnp (top_k)", _knn("jnp"), "xla_ops.knn"),
+          Impl("scipy cKDTree", _knn_ckdtree, "scipy.spatial"))),
+    Case("knn 3-D k=1", dict(B=4, N=8192, C=3, k=1), dict(B=2, N=512, C=3, k=1),
+         lambda s: f"B={s['B']} N=M={s['N']} C=3 k={s['k']}",
+         lambda s: s["B"] * s["N"] * s["N"] * 3 * s["C"], "B*N*N pairs x 3C (brute-force count)",
+         (Impl("ffi", _knn("ffi"), "xla_ops.knn"), Impl("jnp (top_k)", _knn("jnp"), "xla_ops.knn"),
+          Impl("scipy cKDTree", _knn_ckdtree, "scipy.spatial"))),
+    Case("three_nn", dict(B=4, N=8192, M=2048), dict(B=2, N=512, M=128), _bnm,
+         lambda s: s["B"] * s["N"] * s["M"] * 8, "B*N*M pairs x 8 (brute-force count)",
+         (Impl("ffi", _three_nn("ffi"), "xla_ops.three_nn"), Impl("jnp", _three_nn("jnp"), "xla_ops.three_nn"),
+          Impl("scipy cKDTree", _three_nn_ckdtree, "scipy.spatial"))),
+    # N identical points (every distance ties): brute force would take minutes (N^2 = 1e12 pairs).
+    Case("knn 3-D 1M identical", dict(B=1, N=1_000_000, C=3, k=20), dict(B=1, N=20_000, C=3, k=20),
+         lambda s: f"B={s['B']} N=M={s['N']} C=3 k={s['k']}, all points equal",
+         lambda s: s["B"] * s["N"] * s["N"] * 3 * s["C"], "B*N*N pairs x 3C (brute-force count)",
+         (Impl("ffi", _identical("knn"), "xla_ops.knn"),)),
+    Case("three_nn 1M identical", dict(B=1, N=1_000_000), dict(B=1, N=20_000),
+         lambda s: f"B={s['B']} N=M={s['N']}, all points equal",
+         lambda s: s["B"] * s["N"] * s["N"] * 8, "B*N*N pairs x 8 (brute-force count)",
+         (Impl("ffi", _identical("three_nn"), "xla_ops.three_nn"),)),
     Case("approx_match+match_cost", dict(B=8, N=1024, M=1024), dict(B=2, N=128, M=128), _bnm,
          lambda s: s["B"] * s["N"] * s["M"] * (8 + 10 * 20 + 12),
          "B*N*M x (8 distance + 10 rounds x ~20 (exp ~12, 3 weighted sums) + 12 cost)",
@@ -252,6 +299,8 @@ TARGETS = {  # case -> (other implementation, minimum speed-up of ffi over it)
     "chamfer_distance value+grad": [("jnp (chunked)", 8.0)],
     "farthest_point_sample": [("jnp (fori_loop)", 20.0), ("fpsample.fps_sampling", 1.0)],
     "knn": [("jnp (top_k)", 4.0)],
+    "knn 3-D k=20": [("scipy cKDTree", 1.5)],
+    "ball_query": [("scipy cKDTree (all hits)", 1.0)],
     "approx_match+match_cost": [("jnp", 10.0)],
 }
 GPU_POINTER = ("GPU: the same ops at the paper's sizes on one GPU, ffi vs jnp, are measured by "
