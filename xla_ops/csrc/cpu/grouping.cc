@@ -545,8 +545,14 @@ ffi::Future KnnImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer r
   if (UseKnnTree(n, m, c)) {
     auto trees = std::make_shared<LazyTrees>(pr, nb, n);  // kept alive by the tasks' copies
     return ParallelFor(pool, nb * m, 64, [=](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        KnnTreeQuery(trees->Get(row / m), pq + 3 * row, kk, out_d + row * kk, out_i + row * kk);
+      std::vector<uint64_t> order;
+      for (int64_t q0 = begin; q0 < end;) {  // the task's queries of one example at a time
+        const int64_t b = q0 / m, q1 = std::min(end, (b + 1) * m);
+        const KdTree& tree = trees->Get(b);
+        ForEachInSpatialOrder(pq, q0, q1, order, [&](int64_t row) {
+          KnnTreeQuery(tree, pq + 3 * row, kk, out_d + row * kk, out_i + row * kk);
+        });
+        q0 = q1;
       }
     });
   }

@@ -8,6 +8,7 @@
 // Indices outside [0, m) are rejected with INVALID_ARGUMENT before any work is done.
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "common.h"
 #include "distance.h"
@@ -62,14 +63,20 @@ ffi::Future ThreeNnImpl(ffi::ThreadPool pool, ffi::AnyBuffer unknown, ffi::AnyBu
     auto trees = std::make_shared<LazyTrees>(pk, su->b, m);  // kept alive by the tasks' copies
     return ParallelFor(pool, su->b * n, 64, [=](int64_t begin, int64_t end) {
       constexpr float kInf = std::numeric_limits<float>::infinity();
-      for (int64_t t = begin; t < end; ++t) {
-        const float* q = pu + 3 * t;
-        TopK top{pd + 3 * t, pi + 3 * t, 3};
-        top.Reset();
-        if (IsFinite3(q)) trees->Get(t / n).KNearest(q[0], q[1], q[2], &top);
-        for (int j = 0; j < 3; ++j) {
-          if (!(top.d[j] < kInf)) top.d[j] = kInf, top.i[j] = 0;
-        }
+      std::vector<uint64_t> order;
+      for (int64_t t0 = begin; t0 < end;) {  // the task's queries of one example at a time
+        const int64_t b = t0 / n, t1 = std::min(end, (b + 1) * n);
+        const KdTree& tree = trees->Get(b);
+        ForEachInSpatialOrder(pu, t0, t1, order, [&](int64_t t) {
+          const float* q = pu + 3 * t;
+          TopK top{pd + 3 * t, pi + 3 * t, 3};
+          top.Reset();
+          if (IsFinite3(q)) tree.KNearest(q[0], q[1], q[2], &top);
+          for (int j = 0; j < 3; ++j) {
+            if (!(top.d[j] < kInf)) top.d[j] = kInf, top.i[j] = 0;
+          }
+        });
+        t0 = t1;
       }
     });
   }
