@@ -11,13 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from xla_ops import ball_query, knn, three_nn
+from xla_ops import ball_query, knn, nn_distance, three_nn
+from xla_ops.reference import chamfer as ref_chamfer
 from xla_ops.reference import grouping as ref_grouping
 from xla_ops.reference import interpolation as ref_interp
 
 knn_jit = jax.jit(knn, static_argnums=(2,), static_argnames=("impl",))
 ball_jit = jax.jit(ball_query, static_argnums=(2, 3), static_argnames=("impl",))
 three_nn_jit = jax.jit(three_nn, static_argnames=("impl",))
+nn_distance_jit = jax.jit(nn_distance, static_argnames=("impl",))
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the k-d tree is the CPU handlers'")
 
@@ -36,11 +38,13 @@ def search_path(path):
 
 
 def _both(fn, *args):
-  """fn(*args) under the forced tree and the forced brute-force path, as numpy."""
+  """fn(*args) under the forced tree and the forced brute-force path, as numpy; the automatic choice must
+  agree with them too."""
   out = {}
-  for path in ("tree", "brute"):
+  for path in ("tree", "brute", "auto"):
     with search_path(path):
       out[path] = [np.asarray(x) for x in jax.block_until_ready(fn(*args))]
+  _assert_identical(out["auto"], out["brute"])
   return out["tree"], out["brute"]
 
 
@@ -128,6 +132,19 @@ def test_ball_query_tree_equals_brute_force(kind, n, m, radius, nsample):
   want_idx, want_cnt = ref_grouping.ball_query(xyz, new_xyz, radius, nsample)
   np.testing.assert_array_equal(tree[0], want_idx)
   np.testing.assert_array_equal(tree[1], want_cnt)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,m", [(300, 500), (90, 100)])  # above and below nn_distance's threshold
+def test_nn_distance_tree_equals_brute_force(kind, n, m):
+  a, b = _cloud(kind, 8, (2, n, 3)), _cloud(kind, 9, (2, m, 3))
+  a[:, :6] = b[:, 10:16]
+  tree, brute = _both(nn_distance_jit, a, b)
+  _assert_identical(tree, brute)
+  if kind == "grid":
+    want = ref_chamfer.nn_distance(a, b)
+    np.testing.assert_array_equal(tree[1], want[1])
+    np.testing.assert_array_equal(tree[3], want[3])
 
 
 def test_many_identical_points_are_fast_enough_to_run():

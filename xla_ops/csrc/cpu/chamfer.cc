@@ -114,7 +114,7 @@ ffi::Future NnDistanceImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   // One flat work list: the B*N queries of a, then the B*M queries of b. Every query is answered
   // independently of the others and of the task split, so results do not depend on the thread count.
   const int64_t total = nb * (n + m);
-  if (n * m <= kBruteForceMaxPairs) {
+  if (!UseTree(n * m > kBruteForceMaxPairs)) {  // kdtree.h: XLA_OPS_CPU_SEARCH may force a path
     return ParallelFor(pool, total, 64, [=](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end;) {
         if (t < nb * n) {
