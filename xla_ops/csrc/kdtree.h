@@ -13,7 +13,8 @@
 // brute-force scans do (equal distances -> lowest index first). Every candidate distance is distance.h's
 // SqDist3, the definition brute force uses. The bound of a subtree is SqDist3 between the query and its
 // nearest point of the box (the query clamped to the box): float subtraction, multiplication and addition
-// are monotone and the expression is the same, so the bound never exceeds the SqDist3 of any point in the
+// are monotone and the expression is the same (no FMA anywhere: host code is built with -ffp-contract=off,
+// see distance.h), so the bound never exceeds the SqDist3 of any point in the
 // box, and equals it for a point at the clamped position (so bounds are exact for identical points). A
 // subtree is skipped only when (bound, min_id) is not lexicographically below the current worst kept
 // candidate: no candidate that brute force would keep, tied or not, is ever skipped. This (distance,

@@ -1,14 +1,16 @@
 // Neighbourhood ops on CPU: ball_query, group_points (+ its scatter-add gradient) and knn.
 //
 // * ball_query: every query scans xyz in index order and keeps the first nsample points with d^2 < r^2;
-//   unfilled slots repeat the first hit; an empty ball gives idx 0 and count 0.
+//   unfilled slots repeat the first hit; an empty ball gives idx 0 and count 0. Large inputs get the same
+//   result from a k-d tree (kdtree.h) where that is cheaper (see UseBallTree).
 // * group_points: out[b, m, k, :] = points[b, idx[b, m, k], :]. Out-of-range indices -> INVALID_ARGUMENT.
 // * group_points_grad: grad_points[b, n, :] = sum over (m, k) with idx[b, m, k] == n of grad_out[b, m, k, :].
 //   Deterministic: a task owns a (batch, channel block) slice of the output and adds into it in ascending
 //   (m, k) order, so results do not depend on the thread count (no atomics).
 // * knn: the k nearest ref points of every query, ascending (squared distance, index): ties go to the lowest
 //   index, NaN distances count as +inf. Exact brute force with SIMD distance tiles and a sorted top-k
-//   buffer per query (details in the knn section below).
+//   buffer per query (details in the knn section below); at C = 3 from kKnnTreeMinRefs refs on, the same
+//   result from a k-d tree (kdtree.h).
 #include <cmath>
 #include <cstring>
 #include <limits>

@@ -1,6 +1,7 @@
 // three_nn, three_interpolate and its gradient on CPU (the original PointNet++ interpolation ops).
 //  * three_nn: the 3 nearest known points of every unknown point (squared distances, ascending, strict `<`
-//    so ties go to the lowest index); slots beyond m keep idx 0 and distance +inf.
+//    so ties go to the lowest index); slots beyond m keep idx 0 and distance +inf. From
+//    kThreeNnTreeMinKnown known points on, the same result from a k-d tree (kdtree.h).
 //  * three_interpolate: out[i] = sum_j weight[i, j] * features[idx[i, j]].
 //  * three_interpolate_grad: grad_features[p] = sum over (i, j) with idx[i, j] == p of weight[i, j] *
 //    grad_out[i], summed in ascending (i, j) order by one thread per (batch item, channel block), so the
