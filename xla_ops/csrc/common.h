@@ -4,8 +4,9 @@
 //  * Point arrays are float32 [..., N, C]; all leading dims are flattened into one batch dim B, which is what
 //    makes vmap (vmap_method="broadcast_all") and arbitrary batch shapes work.
 //  * Index outputs are int32. Distances are squared unless a name says otherwise.
-//  * Every shape the Python wrapper already checked is checked again here; a mismatch returns
-//    ffi::Error::InvalidArgument (never a crash, never an out-of-bounds read).
+//  * Every shape the Python wrapper already checked is checked again by the op's Check<Op> in checks.h, the
+//    same function on CPU and CUDA; a mismatch returns ffi::Error::InvalidArgument (never a crash, never an
+//    out-of-bounds read).
 //  * Handlers register themselves with XLA_OPS_REGISTER; bindings_*.cc export the registry to Python.
 #pragma once
 
@@ -47,17 +48,6 @@ inline ffi::ErrorOr<PointShape> AsPointShape(ffi::Span<const int64_t> dims, cons
   s.n = dims[rank - 2];
   s.c = dims[rank - 1];
   return s;
-}
-
-// Product of the first `count` dims (the flattened batch of an array whose last dims are known).
-inline int64_t LeadingSize(ffi::Span<const int64_t> dims, int64_t trailing) {
-  int64_t b = 1;
-  for (int64_t i = 0; i + trailing < static_cast<int64_t>(dims.size()); ++i) b *= dims[i];
-  return b;
-}
-
-inline ffi::Error InvalidArgument(const std::string& op, const std::string& msg) {
-  return ffi::Error::InvalidArgument(op + ": " + msg);
 }
 
 // Runs fn(begin, end) over [0, n) split into contiguous chunks on XLA's intra-op thread pool and returns a
