@@ -289,3 +289,16 @@ def test_shard_map_with_lengths_matches_single_device(name):
     for g, w in zip(grad(sharded)(a, b), grad(fn)(a, b)):
       assert np.isfinite(np.asarray(g)).all()
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(_SHARD_MAP_CASES))
+def test_vmap_with_lengths_matches_the_batched_call(name):
+  """vmap over the batch (lengths mapped too) gives the batched call's result: one more batch dim."""
+  fn, _ = _SHARD_MAP_CASES[name]
+  rng = np.random.default_rng(11)
+  a = rng.random((3, 2, 24, 3), dtype=np.float32)
+  b = rng.random((3, 2, 20, 3), dtype=np.float32)
+  la = rng.integers(0, 25, (3, 2)).astype(np.int32)
+  lb = rng.integers(1, 21, (3, 2)).astype(np.int32)
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(fn))(a, b, la, lb)), np.asarray(fn(a, b, la, lb)),
+                             rtol=1e-6)
