@@ -89,7 +89,7 @@ def farthest_point_sample(xyz: jax.Array, npoint: int, *, key: jax.Array | None 
   if key is not None:
     start = jax.random.randint(key, batch, 0, n, dtype=jnp.int32)
   if start is not None:
-    _check_start(start, batch)
+    _checks.check_per_example_int32(start, "start", batch)
     # FPS from s on P == FPS from 0 on P rolled by -s, indices shifted back: no kernel change needed, and the
     # rolled order makes ties go to the first index after s (cyclically).
     start = jnp.asarray(start) % n
@@ -106,12 +106,6 @@ def farthest_point_sample(xyz: jax.Array, npoint: int, *, key: jax.Array | None 
   return jax.vmap(lambda p: _fps_jnp(p, npoint))(flat).reshape(batch + (npoint,))
 
 
-def _check_start(start, batch) -> None:
-  if getattr(start, "dtype", None) != jnp.int32 or tuple(start.shape) != tuple(batch):
-    raise ValueError(f"start must be int32 with the batch shape {tuple(batch)}, got "
-                     f"{getattr(start, 'dtype', type(start))} {tuple(getattr(start, 'shape', ()))}")
-
-
 def _fps_ragged(xyz, npoint, valid, key, start, impl):
   """FPS of float32 xyz [..., N, 3] whose points with ``valid`` [..., N] False are padding (module docstring)."""
   batch, n = xyz.shape[:-2], xyz.shape[-2]
@@ -120,7 +114,7 @@ def _fps_ragged(xyz, npoint, valid, key, start, impl):
   if key is not None:
     start = jax.random.randint(key, batch, 0, span, dtype=jnp.int32)
   elif start is not None:
-    _check_start(start, batch)
+    _checks.check_per_example_int32(start, "start", batch)
   else:
     start = jnp.zeros(batch, jnp.int32)
   start = jnp.asarray(start) % span
