@@ -199,7 +199,7 @@ def test_ball_query_with_lengths_equals_unpadded(impl, padding):
   assert 0 in counts and 6 in counts  # the case has empty and full balls
 
 
-LEN_KNOWN = np.array([25, 2, 9, 0], np.int32)  # 2 < 3 known points: the third slot is the m < 3 fill
+LEN_KNOWN = np.array([30, 2, 9, 0], np.int32)  # 30: NaN/inf real points; 2 < 3: the third slot is the m < 3 fill
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -46,6 +46,9 @@ def _gather(points: jax.Array, idx: jax.Array) -> jax.Array:
 def _three_nn_jnp(unknown, known):
   """Indices [..., n, 3] of the 3 nearest known points by a dense distance matrix (baseline)."""
   d = jnp.sum((unknown[..., :, None, :] - known[..., None, :, :]) ** 2, axis=-1)
+  # NaN ranks as +inf (after every finite distance), as in the kernels: top_k alone would order a NaN by its
+  # sign bit, which depends on how XLA fused the subtraction.
+  d = jnp.where(jnp.isnan(d), jnp.inf, d)
   k = min(3, known.shape[-2])
   _, idx = jax.lax.top_k(-d, k)  # top_k is stable: ties keep the lower index first
   return jnp.pad(idx.astype(jnp.int32), [(0, 0)] * (idx.ndim - 1) + [(0, 3 - k)])
