@@ -19,11 +19,6 @@
 
 namespace xla_ops {
 
-// The one error helper: "<op>: <msg>".
-inline ffi::Error InvalidArgument(const std::string& op, const std::string& msg) {
-  return ffi::Error::InvalidArgument(op + ": " + msg);
-}
-
 #define XLA_OPS_RETURN_IF_ERROR(expr)    \
   do {                                   \
     ::xla_ops::ffi::Error _err = (expr); \

@@ -50,6 +50,11 @@ inline ffi::ErrorOr<PointShape> AsPointShape(ffi::Span<const int64_t> dims, cons
   return s;
 }
 
+// The one error helper of the handlers: INVALID_ARGUMENT "<op>: <msg>" (the checks in checks.h use it).
+inline ffi::Error InvalidArgument(const std::string& op, const std::string& msg) {
+  return ffi::Error::InvalidArgument(op + ": " + msg);
+}
+
 // Runs fn(begin, end) over [0, n) split into contiguous chunks on XLA's intra-op thread pool and returns a
 // future that completes when every chunk is done. Work items must be independent, so results never depend
 // on the thread count. `fn` is copied into every task: capture raw pointers and sizes by value only.
