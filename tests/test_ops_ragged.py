@@ -302,3 +302,21 @@ def test_vmap_with_lengths_matches_the_batched_call(name):
   lb = rng.integers(1, 21, (3, 2)).astype(np.int32)
   np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(fn))(a, b, la, lb)), np.asarray(fn(a, b, la, lb)),
                              rtol=1e-6)
+
+
+def test_lengths_with_bfloat16_inputs_equal_the_float32_call():
+  """Lengths compose with the dtype policy: bf16 points give the float32 call's indices, bf16 distances."""
+  a, b = _padded(12)
+  a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+  a32, b32 = np.asarray(a16, np.float32), np.asarray(b16, np.float32)  # the same values
+  np.testing.assert_array_equal(np.asarray(farthest_point_sample(a16, 20, lengths=LEN_A)),
+                                np.asarray(farthest_point_sample(a32, 20, lengths=LEN_A)))
+  got = ball_query(a16, b16, 0.3, 6, return_dists=True, lengths_xyz=LEN_A, lengths_new_xyz=LEN_B)
+  want = ball_query(a32, b32, 0.3, 6, return_dists=True, lengths_xyz=LEN_A, lengths_new_xyz=LEN_B)
+  assert got[2].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  np.testing.assert_array_equal(np.asarray(got[2], np.float32), np.asarray(want[2].astype(jnp.bfloat16), np.float32))
+  got = three_nn(b16, a16, lengths_unknown=LEN_B, lengths_known=LEN_A)
+  want = three_nn(b32, a32, lengths_unknown=LEN_B, lengths_known=LEN_A)
+  assert got[0].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
