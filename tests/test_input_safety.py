@@ -1,5 +1,6 @@
 """Inputs that used to be guessed at or crash a whole job: image decoding, output names, bad files in a folder,
 non-finite predictions and metrics, oversized EMD requests, config and data options (docs/guarantees.md)."""
+import importlib.util
 import os
 import re
 import sys
@@ -281,11 +282,11 @@ _BAD_FFI_CALLS = [
 
 def _ffi_devices():
   devices = [jax.devices("cpu")[0]]
-  try:
-    import xla_ops._xla_ops_cuda  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    devices += jax.devices("gpu")[:1]
-  except (ImportError, RuntimeError):
-    pass
+  if importlib.util.find_spec("xla_ops._xla_ops_cuda") is not None:  # the CUDA handlers were built
+    try:
+      devices += jax.devices("gpu")[:1]
+    except RuntimeError:  # no GPU visible to JAX
+      pass
   return devices
 
 
