@@ -24,6 +24,7 @@ CPU_MESH_TESTS = (
     "tests/test_train.py::test_sharded_step_matches_single_device",
     "tests/test_jax_transforms.py::test_shard_map_",
     "tests/test_jax_transforms.py::test_plain_jit_on_sharded_inputs_runs_per_shard",
+    "tests/test_ops_ragged.py::test_shard_map_",
     "tests/test_multihost.py::",
 )
 

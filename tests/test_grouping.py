@@ -283,7 +283,7 @@ IDX = np.full((2, 4, 5), 4, np.int32)
 @pytest.mark.parametrize("target,args,out_core,attrs,match", [
     ("xla_ops_knn", (Q3, P3), (((4, 11), jnp.float32), ((4, 11), jnp.int32)), {"k": np.int32(11)}, "k must be in"),
     ("xla_ops_ball_query", (P3, Q3), (((4, 2), jnp.int32), ((4,), jnp.int32)),
-     {"radius": np.float32(-1), "nsample": np.int32(2)}, "radius must be > 0"),
+     {"radius": np.float32(-1), "nsample": np.int32(2)}, "radius must be a finite number > 0"),
     ("xla_ops_group_points_grad", (np.zeros((2, 4, 5, 3), np.float32), IDX), (((3, 3), jnp.float32),),
      {"npoints": np.int32(3)}, "outside"),
 ])

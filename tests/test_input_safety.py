@@ -1,6 +1,8 @@
 """Inputs that used to be guessed at or crash a whole job: image decoding, output names, bad files in a folder,
 non-finite predictions and metrics, oversized EMD requests, config and data options (docs/guarantees.md)."""
+import importlib.util
 import os
+import re
 import sys
 
 from absl import flags
@@ -15,6 +17,7 @@ import pytest
 from dpcr_jax import evaluation, images, predict
 from dpcr_jax.data import default_data_config, pipeline
 from dpcr_jax.data.common import DataError
+from xla_ops._ffi import registered_platforms
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,3 +208,98 @@ def test_skip_missing_replaces_examples_that_fail_during_training(monkeypatch):
   config.skip_missing = False
   with pytest.raises(DataError, match=r"/data/3\.png"):
     list(pipeline.make_iterator(config, "train", 5, seed=0, shuffle=False, num_epochs=1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The C++ argument checks (xla_ops/csrc/checks.h): one function per op, shared by the CPU and CUDA handlers.
+# A direct custom call (bypassing the Python wrapper's trace-time checks) with a bad argument gets
+# INVALID_ARGUMENT naming the argument and what was expected, before any buffer is read. Every case runs on
+# the CPU, and on the GPU too where one is visible with the CUDA extension built: same call, same message.
+
+
+def _f32(*shape):
+  return np.zeros(shape, np.float32)
+
+
+def _i32(*shape):
+  return np.zeros(shape, np.int32)
+
+
+def _out(dtype, *shape):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+F32, I32 = jnp.float32, jnp.int32
+# (target, operands, results, attributes, the exact message after "<target>: ")
+_BAD_FFI_CALLS = [
+    ("xla_ops_farthest_point_sample", (_f32(2, 8, 2),), (_out(I32, 2, 4), _out(F32, 2, 8)), dict(npoint=np.int32(4)),
+     "xyz must have shape [..., N, 3], got [2, 8, 2]"),
+    ("xla_ops_farthest_point_sample", (_f32(2, 8, 3),), (_out(I32, 2, 9), _out(F32, 2, 8)), dict(npoint=np.int32(9)),
+     "npoint must be in [1, N=8], got 9"),
+    ("xla_ops_farthest_point_sample", (_f32(2, 8, 3),), (_out(I32, 2, 4), _out(F32, 2, 7)), dict(npoint=np.int32(4)),
+     "result workspace must be float32 [..., N] (16 elements), got float32 [2, 7]"),
+    ("xla_ops_ball_query", (_f32(2, 8, 3), _f32(3, 4, 3)), (_out(I32, 3, 4, 2), _out(I32, 3, 4)),
+     dict(radius=np.float32(0.1), nsample=np.int32(2)),
+     "batch mismatch: xyz and new_xyz must have the same batch shape, got shapes [2, 8, 3] and [3, 4, 3]"),
+    ("xla_ops_ball_query", (_f32(2, 8, 3), _f32(2, 4, 3)), (_out(I32, 2, 4, 2), _out(I32, 2, 4)),
+     dict(radius=np.float32(np.nan), nsample=np.int32(2)), "radius must be a finite number > 0, got nan"),
+    ("xla_ops_ball_query", (_f32(2, 8, 3), _f32(2, 4, 3)), (_out(I32, 2, 4, 0), _out(I32, 2, 4)),
+     dict(radius=np.float32(0.1), nsample=np.int32(0)), "nsample must be >= 1, got 0"),
+    ("xla_ops_group_points", (_f32(2, 8, 5), _f32(2, 4, 3)), (_out(F32, 2, 4, 3, 5),), {},
+     "idx must be int32, got float32"),
+    ("xla_ops_group_points_grad", (_f32(2, 4, 5, 3), _i32(2, 4, 4)), (_out(F32, 2, 8, 3),), dict(npoints=np.int32(8)),
+     "grad_out must have shape idx.shape + [C] = [2, 4, 4] + [C], got [2, 4, 5, 3]"),
+    ("xla_ops_knn", (_f32(2, 4, 3), _f32(2, 8, 2)), (_out(F32, 2, 4, 2), _out(I32, 2, 4, 2)), dict(k=np.int32(2)),
+     "query and ref must have the same channel count >= 1, got shapes [2, 4, 3] and [2, 8, 2]"),
+    ("xla_ops_knn", (_f32(2, 4, 3), _f32(2, 8, 3)), (_out(F32, 2, 4, 9), _out(I32, 2, 4, 9)), dict(k=np.int32(9)),
+     "k must be in [1, N=8], got 9"),
+    ("xla_ops_three_nn", (_f32(2, 4, 3), _f32(2, 0, 3)), (_out(F32, 2, 4, 3), _out(I32, 2, 4, 3)), {},
+     "known must have at least 1 point(s), got shape [2, 0, 3]"),
+    ("xla_ops_three_nn", (_f32(2, 4, 3), _f32(2, 8, 3)), (_out(F32, 2, 4, 3), _out(F32, 2, 4, 3)), {},
+     "result idx must be int32 [..., n, 3] (24 elements), got float32 [2, 4, 3]"),
+    ("xla_ops_three_interpolate", (_f32(2, 8, 5), _i32(2, 4, 3), _f32(2, 4, 2)), (_out(F32, 2, 4, 5),), {},
+     "weight must have the shape of idx [2, 4, 3], got [2, 4, 2]"),
+    ("xla_ops_three_interpolate", (_f32(2, 8, 5), _i32(2, 4, 2), _f32(2, 4, 2)), (_out(F32, 2, 4, 5),), {},
+     "idx must have shape [..., N, 3], got [2, 4, 2]"),
+    ("xla_ops_three_interpolate_grad", (_f32(2, 4, 5), _i32(2, 4, 3), _f32(2, 4, 3)), (_out(F32, 2, 1, 5),),
+     dict(npoints=np.int32(0)), "npoints must be >= 1, got 0"),
+    ("xla_ops_three_interpolate_grad", (_f32(2, 5, 5), _i32(2, 4, 3), _f32(2, 4, 3)), (_out(F32, 2, 8, 5),),
+     dict(npoints=np.int32(8)), "grad_out must have shape [..., n, C] for idx [2, 4, 3], got [2, 5, 5]"),
+    ("xla_ops_nn_distance", (np.zeros((2, 4, 3), np.float16), _f32(2, 5, 3)),
+     (_out(F32, 2, 4), _out(I32, 2, 4), _out(F32, 2, 5), _out(I32, 2, 5)), {}, "a must be float32, got float16"),
+    ("xla_ops_nn_distance", (_f32(4, 2), _f32(4, 2)), (_out(F32, 4), _out(I32, 4)) * 2, {},
+     "a must have shape [..., N, 3], got [4, 2]"),
+    ("xla_ops_approx_match", (_f32(2, 6, 3), _f32(6, 3)), (_out(F32, 2, 4, 6), _out(F32, 2, 100)), {},
+     "batch mismatch: xyz1 and xyz2 must have the same batch shape, got shapes [2, 6, 3] and [6, 3]"),
+    ("xla_ops_match_cost", (_f32(2, 6, 3), _f32(2, 4, 3), _f32(2, 6, 4)), (_out(F32, 2), _out(F32, 2, 4)), {},
+     "match must have shape [..., N, 6], got [2, 6, 4]"),
+    ("xla_ops_match_cost", (_f32(2, 6, 3), _f32(2, 4, 3), _f32(2, 5, 6)), (_out(F32, 2), _out(F32, 2, 4)), {},
+     "match must have shape [..., m=4, n=6], got [2, 5, 6]"),
+    ("xla_ops_match_cost_grad", (_f32(2, 6, 3), _f32(2, 4, 3), _f32(2, 4, 6)), (_out(F32, 2, 6, 3), _out(F32, 2, 3, 3)),
+     {}, "result grad2 must be float32 [..., m, 3] (24 elements), got float32 [2, 3, 3]"),
+]
+
+
+def _ffi_devices():
+  devices = [jax.devices("cpu")[0]]
+  if importlib.util.find_spec("xla_ops._xla_ops_cuda") is not None:  # the CUDA handlers were built
+    try:
+      devices += jax.devices("gpu")[:1]
+    except RuntimeError:  # no GPU visible to JAX
+      pass
+  return devices
+
+
+@pytest.mark.parametrize("device", _ffi_devices(), ids=lambda d: d.platform)
+@pytest.mark.parametrize("target,args,results,attrs,message", _BAD_FFI_CALLS,
+                         ids=[f"{c[0][8:]}-{i}" for i, c in enumerate(_BAD_FFI_CALLS)])
+def test_cpp_check_rejects_a_bad_direct_ffi_call(device, target, args, results, attrs, message):
+  registered_platforms()
+  call = jax.jit(lambda *a: jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")(*a, **attrs))
+  with pytest.raises(jax.errors.JaxRuntimeError, match=f"INVALID_ARGUMENT: {re.escape(target + ': ' + message)}"):
+    jax.block_until_ready(call(*[jax.device_put(a, device) for a in args]))
+
+
+def test_every_ffi_target_has_a_cpp_check_case():
+  from xla_ops import _xla_ops_cpu  # pylint: disable=g-import-not-at-top
+  assert {case[0] for case in _BAD_FFI_CALLS} == set(_xla_ops_cpu.registrations())

@@ -73,10 +73,15 @@ def check_lengths(lengths, name: str, batch: tuple, num_points: int):
   ``[..., num_points]`` (``arange(num_points) < lengths``; values outside [0, num_points] act clipped), or None."""
   if lengths is None:
     return None
-  if getattr(lengths, "dtype", None) != jnp.int32 or tuple(lengths.shape) != tuple(batch):
-    raise ValueError(f"{name} must be int32 with the batch shape {tuple(batch)}, got "
-                     f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}")
+  check_per_example_int32(lengths, name, batch)
   return jnp.arange(num_points, dtype=jnp.int32) < jnp.asarray(lengths)[..., None]
+
+
+def check_per_example_int32(x, name: str, batch: tuple) -> None:
+  """Raises unless ``x`` is an int32 array with the batch shape (one value per example: lengths, start)."""
+  if getattr(x, "dtype", None) != jnp.int32 or tuple(x.shape) != tuple(batch):
+    raise ValueError(f"{name} must be int32 with the batch shape {tuple(batch)}, got "
+                     f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
 
 
 def check_same_batch(name_a: str, batch_a: tuple, name_b: str, batch_b: tuple) -> None:

@@ -16,6 +16,10 @@
 NaN/Inf: a NaN distance counts as +inf. ``knn`` ranks NaN candidates last (lowest index first) and reports
 their distance as +inf (their gradient is NaN); ``ball_query`` never accepts a NaN distance (a NaN query
 has an empty ball).
+Ragged batches: ``ball_query`` and ``knn`` take per-example lengths (see their docstrings; padded points
+are moved to +inf for the search and zeroed for the distances). ``group_points`` takes no lengths: it
+searches nothing, and the indices it gathers by come from an op that already kept padded points out (ball
+query's fills are real hits or 0 / -1; knn's are -1): mask padded rows with ``count`` or ``idx >= 0``.
 Indices outside ``[0, N)`` given to ``group_points``: the CPU custom call raises an INVALID_ARGUMENT error;
 the CUDA one and ``impl="jnp"`` read zeros for them.
 """
@@ -60,7 +64,8 @@ PADDINGS = ("first", "-1")
 
 
 def ball_query(xyz: jax.Array, new_xyz: jax.Array, radius: float, nsample: int, *, return_dists: bool = False,
-               padding: str = "first", impl: str = "ffi"):
+               padding: str = "first", lengths_xyz: jax.Array | None = None,
+               lengths_new_xyz: jax.Array | None = None, impl: str = "ffi"):
   """Points of ``xyz`` within ``radius`` of every point of ``new_xyz`` (the first ``nsample``, index order).
 
   Args:
@@ -72,6 +77,9 @@ def ball_query(xyz: jax.Array, new_xyz: jax.Array, radius: float, nsample: int, 
     padding: unfilled slots (beyond ``count``): "first" repeats the first hit (PointNet++; an empty ball
       gives index 0), "-1" gives index -1 (PyTorch3D; note that ``group_points`` on CPU rejects -1: mask
       with ``count`` or ``idx >= 0``).
+    lengths_xyz, lengths_new_xyz: optional int32 [...] real points per example (ragged batches, PyTorch3D's
+      ``lengths2/lengths1``): padded ``xyz`` points are never hits; a padded query row is an empty ball
+      (count 0, idx 0 or -1 by ``padding``, dist 0).
     impl: "ffi" (custom call) or "jnp" (masked cumsum, query chunks).
   Returns:
     (idx int32 [..., M, nsample], count int32 [..., M]) and, with ``return_dists``, dist [..., M, nsample]:
@@ -88,8 +96,17 @@ def ball_query(xyz: jax.Array, new_xyz: jax.Array, radius: float, nsample: int, 
   if padding not in PADDINGS:
     raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
   dtype = _checks.out_dtype(xyz, new_xyz)
+  batch = tuple(xyz.shape[:-2])
+  valid_x = _checks.check_lengths(lengths_xyz, "lengths_xyz", batch, xyz.shape[-2])
+  valid_q = _checks.check_lengths(lengths_new_xyz, "lengths_new_xyz", batch, new_xyz.shape[-2])
   xyz, new_xyz = _checks.to_f32(xyz, new_xyz)
+  if valid_x is not None:  # padded points: zeroed for the distances, at +inf (never within radius) for the search
+    xyz = jnp.where(valid_x[..., None], xyz, 0.0)
+  if valid_q is not None:  # padded queries: zeroed, and their rows emptied below
+    new_xyz = jnp.where(valid_q[..., None], new_xyz, 0.0)
   sx, sq = jax.lax.stop_gradient(xyz), jax.lax.stop_gradient(new_xyz)
+  if valid_x is not None:
+    sx = jnp.where(valid_x[..., None], sx, jnp.inf)
   m = new_xyz.shape[-2]
   if impl == "ffi":
     idx, count = batched_call("xla_ops_ball_query", (sx, sq), core_ndims=(2, 2),
@@ -98,6 +115,9 @@ def ball_query(xyz: jax.Array, new_xyz: jax.Array, radius: float, nsample: int, 
   else:
     r2 = jnp.float32(radius) * jnp.float32(radius)
     idx, count = _jnp.map_queries(lambda q, p: _ball_query_one(q, p, r2, nsample), sq, sx, _QUERY_CHUNK)
+  if valid_q is not None:
+    count = jnp.where(valid_q, count, 0)
+    idx = jnp.where(valid_q[..., None], idx, 0)
   real = jnp.arange(nsample, dtype=jnp.int32) < count[..., None]  # [..., M, nsample]
   if not return_dists:
     return (idx, count) if padding == "first" else (jnp.where(real, idx, -1), count)

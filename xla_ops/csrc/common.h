@@ -4,8 +4,9 @@
 //  * Point arrays are float32 [..., N, C]; all leading dims are flattened into one batch dim B, which is what
 //    makes vmap (vmap_method="broadcast_all") and arbitrary batch shapes work.
 //  * Index outputs are int32. Distances are squared unless a name says otherwise.
-//  * Every shape the Python wrapper already checked is checked again here; a mismatch returns
-//    ffi::Error::InvalidArgument (never a crash, never an out-of-bounds read).
+//  * Every shape the Python wrapper already checked is checked again by the op's Check<Op> in checks.h, the
+//    same function on CPU and CUDA; a mismatch returns ffi::Error::InvalidArgument (never a crash, never an
+//    out-of-bounds read).
 //  * Handlers register themselves with XLA_OPS_REGISTER; bindings_*.cc export the registry to Python.
 #pragma once
 
@@ -49,13 +50,7 @@ inline ffi::ErrorOr<PointShape> AsPointShape(ffi::Span<const int64_t> dims, cons
   return s;
 }
 
-// Product of the first `count` dims (the flattened batch of an array whose last dims are known).
-inline int64_t LeadingSize(ffi::Span<const int64_t> dims, int64_t trailing) {
-  int64_t b = 1;
-  for (int64_t i = 0; i + trailing < static_cast<int64_t>(dims.size()); ++i) b *= dims[i];
-  return b;
-}
-
+// The one error helper of the handlers: INVALID_ARGUMENT "<op>: <msg>" (the checks in checks.h use it).
 inline ffi::Error InvalidArgument(const std::string& op, const std::string& msg) {
   return ffi::Error::InvalidArgument(op + ": " + msg);
 }

@@ -13,6 +13,7 @@
 #include <limits>
 #include <memory>
 
+#include "checks.h"
 #include "common.h"
 #include "distance.h"
 #include "kdtree.h"
@@ -76,35 +77,11 @@ void NearestTreeRange(LazyTrees* query_trees, LazyTrees* ref_trees, int64_t bi, 
 ffi::Future NnDistanceImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                            ffi::Result<ffi::AnyBuffer> dist_ab, ffi::Result<ffi::AnyBuffer> idx_ab,
                            ffi::Result<ffi::AnyBuffer> dist_ba, ffi::Result<ffi::AnyBuffer> idx_ba) {
-  auto fail = [](ffi::Error e) {
-    ffi::Promise p;
-    ffi::Future f(p);
-    p.SetError(std::move(e));
-    return f;
-  };
-  auto sa = AsPointShape(a.dimensions(), "a");
-  if (sa.has_error()) return fail(sa.error());
-  auto sb = AsPointShape(b.dimensions(), "b");
-  if (sb.has_error()) return fail(sb.error());
-  if (a.element_type() != ffi::F32 || b.element_type() != ffi::F32)
-    return fail(InvalidArgument(kOp, "a and b must be float32"));
-  if (sa->c != 3 || sb->c != 3)
-    return fail(InvalidArgument(kOp, "a and b must have 3 channels, got " + std::to_string(sa->c) +
-                                         " and " + std::to_string(sb->c)));
-  if (sa->b != sb->b)
-    return fail(InvalidArgument(kOp, "batch mismatch: a has " + std::to_string(sa->b) + ", b has " +
-                                         std::to_string(sb->b)));
-  if (sa->n < 1 || sb->n < 1) return fail(InvalidArgument(kOp, "a and b need at least one point"));
-  if (sa->n > std::numeric_limits<int32_t>::max() || sb->n > std::numeric_limits<int32_t>::max())
-    return fail(InvalidArgument(kOp, "a and b may have at most 2^31 - 1 points (int32 indices)"));
-  const auto count = [](ffi::Result<ffi::AnyBuffer>& r) {
-    return static_cast<int64_t>(r->element_count());
-  };
-  if (count(dist_ab) != sa->b * sa->n || count(idx_ab) != sa->b * sa->n || count(dist_ba) != sb->b * sb->n ||
-      count(idx_ba) != sb->b * sb->n)
-    return fail(InvalidArgument(kOp, "output sizes do not match the inputs"));
+  PointShape sa, sb;
+  if (ffi::Error e = CheckNnDistance(kOp, a, b, *dist_ab, *idx_ab, *dist_ba, *idx_ba, &sa, &sb); e.failure())
+    return FailedFuture(std::move(e));
 
-  const int64_t nb = sa->b, n = sa->n, m = sb->n;
+  const int64_t nb = sa.b, n = sa.n, m = sb.n;
   const float* pa = a.typed_data<float>();
   const float* pb = b.typed_data<float>();
   float* dab = dist_ab->typed_data<float>();

@@ -15,6 +15,7 @@
 #include <functional>
 #include <limits>
 
+#include "checks.h"
 #include "common.h"
 
 #if defined(__SSE__)
@@ -446,33 +447,12 @@ bool AllFinite(const float* v, int64_t count) {
   return true;
 }
 
-ffi::Error CheckPair(const char* op, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, PointShape* s1, PointShape* s2) {
-  auto a = AsPointShape(xyz1.dimensions(), "xyz1");
-  if (a.has_error()) return a.error();
-  auto b = AsPointShape(xyz2.dimensions(), "xyz2");
-  if (b.has_error()) return b.error();
-  if (xyz1.element_type() != ffi::F32 || xyz2.element_type() != ffi::F32)
-    return InvalidArgument(op, "xyz1 and xyz2 must be float32");
-  if (a->c != 3 || b->c != 3)
-    return InvalidArgument(op, "xyz1 and xyz2 must have 3 channels, got " + std::to_string(a->c) + " and " +
-                                   std::to_string(b->c));
-  if (a->b != b->b)
-    return InvalidArgument(op, "batch mismatch: xyz1 has " + std::to_string(a->b) + ", xyz2 has " +
-                                   std::to_string(b->b));
-  if (a->n < 1 || b->n < 1) return InvalidArgument(op, "xyz1 and xyz2 need at least one point");
-  *s1 = *a;
-  *s2 = *b;
-  return ffi::Error::Success();
-}
-
 // `workspace` is used by the CUDA handler only (cuda/emd.cu); both platforms share the call signature.
 ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2,
                            ffi::Result<ffi::AnyBuffer> match, ffi::Result<ffi::AnyBuffer> /*workspace*/) {
   PointShape s1, s2;
-  if (auto err = CheckPair(kMatchOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
+  XLA_OPS_RETURN_IF_ERROR(CheckApproxMatch(kMatchOp, xyz1, xyz2, *match, &s1, &s2));
   const int64_t nb = s1.b, n = s1.n, m = s2.n;
-  if (match->element_type() != ffi::F32 || static_cast<int64_t>(match->element_count()) != nb * m * n)
-    return InvalidArgument(kMatchOp, "match must be float32 [..., m, n]");
   const float* p1 = xyz1.typed_data<float>();
   const float* p2 = xyz2.typed_data<float>();
   float* out = match->typed_data<float>();
@@ -681,24 +661,12 @@ void GradRows(const float* qx, const float* qy, const float* qz, int64_t count, 
   }
 }
 
-ffi::Error CheckMatch(const char* op, ffi::AnyBuffer match, const PointShape& s1, const PointShape& s2) {
-  const auto dims = match.dimensions();
-  if (match.element_type() != ffi::F32 || dims.size() < 2 || dims[dims.size() - 2] != s2.n ||
-      dims[dims.size() - 1] != s1.n || LeadingSize(dims, 2) != s1.b)
-    return InvalidArgument(op, "match must be float32 [..., m, n] with m = " + std::to_string(s2.n) +
-                                   ", n = " + std::to_string(s1.n) + " and the batch of xyz1");
-  return ffi::Error::Success();
-}
-
 // `workspace` ([..., m] row costs) is used by the CUDA handler only.
 ffi::Error MatchCostImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer match,
-                         ffi::Result<ffi::AnyBuffer> cost, ffi::Result<ffi::AnyBuffer> /*workspace*/) {
+                         ffi::Result<ffi::AnyBuffer> cost, ffi::Result<ffi::AnyBuffer> workspace) {
   PointShape s1, s2;
-  if (auto err = CheckPair(kCostOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
-  if (auto err = CheckMatch(kCostOp, match, s1, s2); err.failure()) return err;
+  XLA_OPS_RETURN_IF_ERROR(CheckMatchCost(kCostOp, xyz1, xyz2, match, *cost, *workspace, &s1, &s2));
   const int64_t nb = s1.b, n = s1.n, m = s2.n;
-  if (cost->element_type() != ffi::F32 || static_cast<int64_t>(cost->element_count()) != nb)
-    return InvalidArgument(kCostOp, "cost must be float32 [...]");
   const Soa a(xyz1.typed_data<float>(), nb * n), b(xyz2.typed_data<float>(), nb * m);
   const float* mt = match.typed_data<float>();
   std::vector<float> columns(nb * n);
@@ -722,12 +690,8 @@ ffi::Error MatchCostGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::Any
                              ffi::AnyBuffer match, ffi::Result<ffi::AnyBuffer> grad1,
                              ffi::Result<ffi::AnyBuffer> grad2) {
   PointShape s1, s2;
-  if (auto err = CheckPair(kCostGradOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
-  if (auto err = CheckMatch(kCostGradOp, match, s1, s2); err.failure()) return err;
+  XLA_OPS_RETURN_IF_ERROR(CheckMatchCostGrad(kCostGradOp, xyz1, xyz2, match, *grad1, *grad2, &s1, &s2));
   const int64_t nb = s1.b, n = s1.n, m = s2.n;
-  if (grad1->element_type() != ffi::F32 || static_cast<int64_t>(grad1->element_count()) != nb * n * 3 ||
-      grad2->element_type() != ffi::F32 || static_cast<int64_t>(grad2->element_count()) != nb * m * 3)
-    return InvalidArgument(kCostGradOp, "grad1/grad2 must be float32 [..., n, 3] / [..., m, 3]");
   const Soa a(xyz1.typed_data<float>(), nb * n), b(xyz2.typed_data<float>(), nb * m);
   const float* mt = match.typed_data<float>();
   float* g1 = grad1->typed_data<float>();

@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #endif
 
+#include "checks.h"
 #include "common.h"
 #include "distance.h"
 #include "kdtree.h"
@@ -28,13 +29,6 @@
 
 namespace xla_ops {
 namespace {
-
-ffi::Future Fail(ffi::Error e) {
-  ffi::Promise p;
-  ffi::Future f(p);
-  p.SetError(std::move(e));
-  return f;
-}
 
 // ---- ball_query ---------------------------------------------------------------------------------
 
@@ -64,22 +58,10 @@ inline void PadBall(int32_t* o, int64_t hits, int64_t ns, int32_t* count) {
 
 ffi::Future BallQueryImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, ffi::AnyBuffer new_xyz, float radius,
                           int32_t nsample, ffi::Result<ffi::AnyBuffer> idx, ffi::Result<ffi::AnyBuffer> count) {
-  auto sx = AsPointShape(xyz.dimensions(), "xyz");
-  if (sx.has_error()) return Fail(sx.error());
-  auto sq = AsPointShape(new_xyz.dimensions(), "new_xyz");
-  if (sq.has_error()) return Fail(sq.error());
-  if (xyz.element_type() != ffi::F32 || new_xyz.element_type() != ffi::F32)
-    return Fail(InvalidArgument(kBallQuery, "xyz and new_xyz must be float32"));
-  if (sx->c != 3 || sq->c != 3) return Fail(InvalidArgument(kBallQuery, "xyz and new_xyz must have 3 channels"));
-  if (sx->b != sq->b)
-    return Fail(InvalidArgument(kBallQuery, "batch mismatch: xyz has " + std::to_string(sx->b) +
-                                                ", new_xyz has " + std::to_string(sq->b)));
-  if (!(radius > 0.0f)) return Fail(InvalidArgument(kBallQuery, "radius must be > 0"));
-  if (nsample < 1) return Fail(InvalidArgument(kBallQuery, "nsample must be >= 1"));
-  const int64_t nb = sx->b, n = sx->n, m = sq->n, ns = nsample;
-  if (idx->element_type() != ffi::S32 || idx->element_count() != static_cast<size_t>(nb * m * ns) ||
-      count->element_type() != ffi::S32 || count->element_count() != static_cast<size_t>(nb * m))
-    return Fail(InvalidArgument(kBallQuery, "outputs must be int32 [..., M, nsample] and [..., M]"));
+  PointShape sx, sq;
+  if (ffi::Error e = CheckBallQuery(kBallQuery, xyz, new_xyz, radius, nsample, *idx, *count, &sx, &sq); e.failure())
+    return FailedFuture(std::move(e));
+  const int64_t nb = sx.b, n = sx.n, m = sq.n, ns = nsample;
 
   const float r2 = radius * radius;
   const float* px = xyz.typed_data<float>();
@@ -141,32 +123,15 @@ ffi::Future BallQueryImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, ffi::AnyBuff
 constexpr const char* kGroup = "xla_ops_group_points";
 constexpr const char* kGroupGrad = "xla_ops_group_points_grad";
 
-// Checks that idx (b * rows entries) lies in [0, n).
-ffi::Error CheckIndexRange(const char* op, const int32_t* idx, int64_t count, int64_t n) {
-  for (int64_t i = 0; i < count; ++i) {
-    if (idx[i] < 0 || idx[i] >= n)
-      return InvalidArgument(op, "idx[" + std::to_string(i) + "] = " + std::to_string(idx[i]) +
-                                     " is outside [0, " + std::to_string(n) + ")");
-  }
-  return ffi::Error::Success();
-}
-
 ffi::Future GroupPointsImpl(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer idx,
                             ffi::Result<ffi::AnyBuffer> out) {
-  auto sp = AsPointShape(points.dimensions(), "points");
-  if (sp.has_error()) return Fail(sp.error());
-  auto si = AsPointShape(idx.dimensions(), "idx");  // [..., M, K]
-  if (si.has_error()) return Fail(si.error());
-  if (points.element_type() != ffi::F32) return Fail(InvalidArgument(kGroup, "points must be float32"));
-  if (idx.element_type() != ffi::S32) return Fail(InvalidArgument(kGroup, "idx must be int32"));
-  if (sp->b != si->b)
-    return Fail(InvalidArgument(kGroup, "batch mismatch: points has " + std::to_string(sp->b) + ", idx has " +
-                                            std::to_string(si->b)));
-  const int64_t nb = sp->b, n = sp->n, c = sp->c, rows = si->n * si->c;  // rows = M * K per example
-  if (out->element_type() != ffi::F32 || out->element_count() != static_cast<size_t>(nb * rows * c))
-    return Fail(InvalidArgument(kGroup, "out must be float32 [..., M, K, C]"));
+  PointShape sp, si;  // si views idx [..., M, K] as [B, M, K]
+  if (ffi::Error e = CheckGroupPoints(kGroup, points, idx, *out, &sp, &si); e.failure())
+    return FailedFuture(std::move(e));
+  const int64_t nb = sp.b, n = sp.n, c = sp.c, rows = si.n * si.c;  // rows = M * K per example
   const int32_t* pi = idx.typed_data<int32_t>();
-  if (ffi::Error e = CheckIndexRange(kGroup, pi, nb * rows, n); e.failure()) return Fail(std::move(e));
+  if (ffi::Error e = checks::IndexRange(kGroup, "idx", pi, nb * rows, n); e.failure())
+    return FailedFuture(std::move(e));
 
   const float* pp = points.typed_data<float>();
   float* po = out->typed_data<float>();
@@ -179,23 +144,14 @@ ffi::Future GroupPointsImpl(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::An
 
 ffi::Future GroupPointsGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_out, ffi::AnyBuffer idx,
                                 int32_t npoints, ffi::Result<ffi::AnyBuffer> grad_points) {
-  auto si = AsPointShape(idx.dimensions(), "idx");  // [..., M, K]
-  if (si.has_error()) return Fail(si.error());
-  if (grad_out.element_type() != ffi::F32) return Fail(InvalidArgument(kGroupGrad, "grad_out must be float32"));
-  if (idx.element_type() != ffi::S32) return Fail(InvalidArgument(kGroupGrad, "idx must be int32"));
-  const auto gd = grad_out.dimensions();
-  if (gd.size() != idx.dimensions().size() + 1)
-    return Fail(InvalidArgument(kGroupGrad, "grad_out must be [..., M, K, C] for idx [..., M, K]"));
-  for (size_t i = 0; i < idx.dimensions().size(); ++i) {
-    if (gd[i] != idx.dimensions()[i])
-      return Fail(InvalidArgument(kGroupGrad, "grad_out and idx disagree in dim " + std::to_string(i)));
-  }
-  if (npoints < 1) return Fail(InvalidArgument(kGroupGrad, "npoints must be >= 1"));
-  const int64_t nb = si->b, rows = si->n * si->c, c = gd[gd.size() - 1], n = npoints;
-  if (grad_points->element_type() != ffi::F32 || grad_points->element_count() != static_cast<size_t>(nb * n * c))
-    return Fail(InvalidArgument(kGroupGrad, "grad_points must be float32 [..., npoints, C]"));
+  PointShape si;  // idx [..., M, K] viewed as [B, M, K]
+  int64_t c = 0;
+  if (ffi::Error e = CheckGroupPointsGrad(kGroupGrad, grad_out, idx, npoints, *grad_points, &si, &c); e.failure())
+    return FailedFuture(std::move(e));
+  const int64_t nb = si.b, rows = si.n * si.c, n = npoints;
   const int32_t* pi = idx.typed_data<int32_t>();
-  if (ffi::Error e = CheckIndexRange(kGroupGrad, pi, nb * rows, n); e.failure()) return Fail(std::move(e));
+  if (ffi::Error e = checks::IndexRange(kGroupGrad, "idx", pi, nb * rows, n); e.failure())
+    return FailedFuture(std::move(e));
 
   const float* pg = grad_out.typed_data<float>();
   float* pout = grad_points->typed_data<float>();
@@ -521,24 +477,10 @@ void KnnTreeQuery(const KdTree& tree, const float* q, int64_t kk, float* out_d, 
 
 ffi::Future KnnImpl(ffi::ThreadPool pool, ffi::AnyBuffer query, ffi::AnyBuffer ref, int32_t k,
                     ffi::Result<ffi::AnyBuffer> dist, ffi::Result<ffi::AnyBuffer> idx) {
-  auto sq = AsPointShape(query.dimensions(), "query");
-  if (sq.has_error()) return Fail(sq.error());
-  auto sr = AsPointShape(ref.dimensions(), "ref");
-  if (sr.has_error()) return Fail(sr.error());
-  if (query.element_type() != ffi::F32 || ref.element_type() != ffi::F32)
-    return Fail(InvalidArgument(kKnn, "query and ref must be float32"));
-  if (sq->b != sr->b)
-    return Fail(InvalidArgument(kKnn, "batch mismatch: query has " + std::to_string(sq->b) + ", ref has " +
-                                          std::to_string(sr->b)));
-  if (sq->c != sr->c || sq->c < 1)
-    return Fail(InvalidArgument(kKnn, "query and ref must have the same channel count >= 1, got " +
-                                          std::to_string(sq->c) + " and " + std::to_string(sr->c)));
-  if (k < 1 || k > sr->n)
-    return Fail(InvalidArgument(kKnn, "k must be in [1, N=" + std::to_string(sr->n) + "], got " + std::to_string(k)));
-  const int64_t nb = sq->b, m = sq->n, n = sr->n, c = sq->c, kk = k;
-  if (dist->element_type() != ffi::F32 || dist->element_count() != static_cast<size_t>(nb * m * kk) ||
-      idx->element_type() != ffi::S32 || idx->element_count() != static_cast<size_t>(nb * m * kk))
-    return Fail(InvalidArgument(kKnn, "outputs must be float32 / int32 [..., M, k]"));
+  PointShape sq, sr;
+  if (ffi::Error e = CheckKnn(kKnn, query, ref, k, *dist, *idx, &sq, &sr); e.failure())
+    return FailedFuture(std::move(e));
+  const int64_t nb = sq.b, m = sq.n, n = sr.n, c = sq.c, kk = k;
 
   const float* pq = query.typed_data<float>();
   const float* pr = ref.typed_data<float>();

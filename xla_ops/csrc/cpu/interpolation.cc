@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
 #include "distance.h"
 #include "kdtree.h"
@@ -29,29 +30,12 @@ constexpr int64_t kChannelBlock = 16;
 constexpr int64_t kThreeNnTreeMinKnown = 128;
 constexpr int64_t kThreeNnTreeMinUnknown = 16;
 
-ffi::Future Fail(ffi::Error error) {
-  ffi::Promise p;
-  ffi::Future f(p);
-  p.SetError(std::move(error));
-  return f;
-}
-
 ffi::Future ThreeNnImpl(ffi::ThreadPool pool, ffi::AnyBuffer unknown, ffi::AnyBuffer known,
                         ffi::Result<ffi::AnyBuffer> dist, ffi::Result<ffi::AnyBuffer> idx) {
-  auto su = AsPointShape(unknown.dimensions(), "unknown");
-  if (su.has_error()) return Fail(su.error());
-  auto sk = AsPointShape(known.dimensions(), "known");
-  if (sk.has_error()) return Fail(sk.error());
-  if (unknown.element_type() != ffi::F32 || known.element_type() != ffi::F32)
-    return Fail(InvalidArgument(kNnOp, "unknown and known must be float32"));
-  if (su->c != 3 || sk->c != 3) return Fail(InvalidArgument(kNnOp, "unknown and known must have 3 channels"));
-  if (su->b != sk->b)
-    return Fail(InvalidArgument(kNnOp, "batch mismatch: unknown has " + std::to_string(su->b) +
-                                           ", known has " + std::to_string(sk->b)));
-  if (sk->n < 1) return Fail(InvalidArgument(kNnOp, "known needs at least one point"));
-  if (static_cast<int64_t>(dist->element_count()) != su->b * su->n * 3 || static_cast<int64_t>(idx->element_count()) != su->b * su->n * 3)
-    return Fail(InvalidArgument(kNnOp, "output sizes do not match [..., n, 3]"));
-  const int64_t n = su->n, m = sk->n;
+  PointShape su, sk;
+  if (ffi::Error e = CheckThreeNn(kNnOp, unknown, known, *dist, *idx, &su, &sk); e.failure())
+    return FailedFuture(std::move(e));
+  const int64_t n = su.n, m = sk.n;
   const float* pu = unknown.typed_data<float>();
   const float* pk = known.typed_data<float>();
   float* pd = dist->typed_data<float>();
@@ -61,8 +45,8 @@ ffi::Future ThreeNnImpl(ffi::ThreadPool pool, ffi::AnyBuffer unknown, ffi::AnyBu
     // (distance, index) pairs, of which those with distance +inf become the padding (+inf, 0), as the scan
     // below (strict <) never takes an infinite distance. Known points with a NaN/Inf coordinate (left out
     // of the tree) and every known point of such an unknown one are at NaN or +inf: never taken.
-    auto trees = std::make_shared<LazyTrees>(pk, su->b, m);  // kept alive by the tasks' copies
-    return ParallelFor(pool, su->b * n, 64, [=](int64_t begin, int64_t end) {
+    auto trees = std::make_shared<LazyTrees>(pk, su.b, m);  // kept alive by the tasks' copies
+    return ParallelFor(pool, su.b * n, 64, [=](int64_t begin, int64_t end) {
       constexpr float kInf = std::numeric_limits<float>::infinity();
       std::vector<uint64_t> order;
       for (int64_t t0 = begin; t0 < end;) {  // the task's queries of one example at a time
@@ -81,7 +65,7 @@ ffi::Future ThreeNnImpl(ffi::ThreadPool pool, ffi::AnyBuffer unknown, ffi::AnyBu
       }
     });
   }
-  return ParallelFor(pool, su->b * n, 64, [=](int64_t begin, int64_t end) {
+  return ParallelFor(pool, su.b * n, 64, [=](int64_t begin, int64_t end) {
     constexpr float kInf = std::numeric_limits<float>::infinity();
     for (int64_t t = begin; t < end; ++t) {
       const float* ref = pk + (t / n) * m * 3;
@@ -110,41 +94,19 @@ ffi::Future ThreeNnImpl(ffi::ThreadPool pool, ffi::AnyBuffer unknown, ffi::AnyBu
   });
 }
 
-// Checks idx [B, n, 3] / weight [B, n, 3] and that every index is in [0, npoints).
-ffi::Error CheckIndexAndWeight(const char* op, ffi::AnyBuffer idx, ffi::AnyBuffer weight, int64_t batch,
-                               int64_t npoints, int64_t* n) {
-  const auto di = idx.dimensions(), dw = weight.dimensions();
-  if (idx.element_type() != ffi::S32 || di.size() < 2 || di[di.size() - 1] != 3)
-    return InvalidArgument(op, "idx must be int32 [..., n, 3]");
-  if (weight.element_type() != ffi::F32 || dw.size() != di.size() ||
-      !std::equal(di.begin(), di.end(), dw.begin()))
-    return InvalidArgument(op, "weight must be float32 with the shape of idx");
-  if (LeadingSize(di, 2) != batch) return InvalidArgument(op, "idx has a different batch size");
-  *n = di[di.size() - 2];
-  const int32_t* p = idx.typed_data<int32_t>();
-  for (int64_t i = 0, total = batch * *n * 3; i < total; ++i) {
-    if (p[i] < 0 || p[i] >= npoints)
-      return InvalidArgument(op, "idx value " + std::to_string(p[i]) + " at flat position " + std::to_string(i) +
-                                     " is outside [0, " + std::to_string(npoints) + ")");
-  }
-  return ffi::Error::Success();
-}
-
 ffi::Future ThreeInterpolateImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::AnyBuffer idx,
                                  ffi::AnyBuffer weight, ffi::Result<ffi::AnyBuffer> out) {
-  auto sf = AsPointShape(features.dimensions(), "features");
-  if (sf.has_error()) return Fail(sf.error());
-  if (features.element_type() != ffi::F32) return Fail(InvalidArgument(kInterpOp, "features must be float32"));
-  int64_t n = 0;
-  if (auto err = CheckIndexAndWeight(kInterpOp, idx, weight, sf->b, sf->n, &n); err.failure()) return Fail(err);
-  const int64_t m = sf->n, c = sf->c;
-  if (out->element_type() != ffi::F32 || static_cast<int64_t>(out->element_count()) != sf->b * n * c)
-    return Fail(InvalidArgument(kInterpOp, "out must be float32 [..., n, C]"));
+  PointShape sf, si;
+  if (ffi::Error e = CheckThreeInterpolate(kInterpOp, features, idx, weight, *out, &sf, &si); e.failure())
+    return FailedFuture(std::move(e));
+  const int64_t n = si.n, m = sf.n, c = sf.c;
+  if (ffi::Error e = checks::IndexRange(kInterpOp, "idx", idx.typed_data<int32_t>(), sf.b * n * 3, m); e.failure())
+    return FailedFuture(std::move(e));
   const float* pf = features.typed_data<float>();
   const int32_t* pi = idx.typed_data<int32_t>();
   const float* pw = weight.typed_data<float>();
   float* po = out->typed_data<float>();
-  return ParallelFor(pool, sf->b * n, 64, [=](int64_t begin, int64_t end) {
+  return ParallelFor(pool, sf.b * n, 64, [=](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* f = pf + (t / n) * m * c;
       const float* f0 = f + pi[3 * t] * c;
@@ -160,23 +122,20 @@ ffi::Future ThreeInterpolateImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, 
 ffi::Future ThreeInterpolateGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_out, ffi::AnyBuffer idx,
                                      ffi::AnyBuffer weight, ffi::Result<ffi::AnyBuffer> grad_features,
                                      int32_t npoints) {
-  auto sg = AsPointShape(grad_out.dimensions(), "grad_out");
-  if (sg.has_error()) return Fail(sg.error());
-  if (grad_out.element_type() != ffi::F32) return Fail(InvalidArgument(kGradOp, "grad_out must be float32"));
-  if (npoints < 1) return Fail(InvalidArgument(kGradOp, "npoints must be >= 1"));
-  int64_t n = 0;
-  if (auto err = CheckIndexAndWeight(kGradOp, idx, weight, sg->b, npoints, &n); err.failure()) return Fail(err);
-  if (n != sg->n) return Fail(InvalidArgument(kGradOp, "grad_out and idx have different n"));
-  const int64_t c = sg->c, m = npoints;
-  if (grad_features->element_type() != ffi::F32 || static_cast<int64_t>(grad_features->element_count()) != sg->b * m * c)
-    return Fail(InvalidArgument(kGradOp, "grad_features must be float32 [..., npoints, C]"));
+  PointShape sg, si;
+  if (ffi::Error e = CheckThreeInterpolateGrad(kGradOp, grad_out, idx, weight, npoints, *grad_features, &sg, &si);
+      e.failure())
+    return FailedFuture(std::move(e));
+  const int64_t n = sg.n, c = sg.c, m = npoints;
+  if (ffi::Error e = checks::IndexRange(kGradOp, "idx", idx.typed_data<int32_t>(), sg.b * n * 3, m); e.failure())
+    return FailedFuture(std::move(e));
   const float* pg = grad_out.typed_data<float>();
   const int32_t* pi = idx.typed_data<int32_t>();
   const float* pw = weight.typed_data<float>();
   float* pf = grad_features->typed_data<float>();
   // Work items: (batch item, block of kChannelBlock channels); each scatters all n points in order.
   const int64_t cblocks = (c + kChannelBlock - 1) / kChannelBlock;
-  return ParallelFor(pool, sg->b * cblocks, 1, [=](int64_t begin, int64_t end) {
+  return ParallelFor(pool, sg.b * cblocks, 1, [=](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / cblocks, c0 = (t % cblocks) * kChannelBlock, c1 = std::min(c, c0 + kChannelBlock);
       float* gf = pf + b * m * c;

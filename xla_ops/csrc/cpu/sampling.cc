@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
 
 // 256-bit GCC vector types are passed between inline helpers only; silence the ABI note about them.
@@ -271,25 +272,12 @@ void FpsExample(FpsFn loop, const float* p, int64_t n, int64_t npoint, FpsWorksp
 
 // `workspace` ([..., N] float32) is used by the CUDA handler only; both platforms share the call signature.
 ffi::Future FpsImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz, int32_t npoint, ffi::Result<ffi::AnyBuffer> idx,
-                    ffi::Result<ffi::AnyBuffer> /*workspace*/) {
-  auto fail = [](ffi::Error e) {
-    ffi::Promise p;
-    ffi::Future f(p);
-    p.SetError(std::move(e));
-    return f;
-  };
-  auto s = AsPointShape(xyz.dimensions(), "xyz");
-  if (s.has_error()) return fail(s.error());
-  if (xyz.element_type() != ffi::F32) return fail(InvalidArgument(kOp, "xyz must be float32"));
-  if (s->c != 3) return fail(InvalidArgument(kOp, "xyz must have 3 channels, got " + std::to_string(s->c)));
-  if (s->n < 1) return fail(InvalidArgument(kOp, "xyz needs at least one point"));
-  if (npoint < 1 || npoint > s->n)
-    return fail(InvalidArgument(kOp, "npoint must be in [1, N=" + std::to_string(s->n) + "], got " +
-                                         std::to_string(npoint)));
-  if (idx->element_type() != ffi::S32 || idx->element_count() != static_cast<size_t>(s->b * npoint))
-    return fail(InvalidArgument(kOp, "idx must be int32 [..., npoint]"));
+                    ffi::Result<ffi::AnyBuffer> workspace) {
+  PointShape s;
+  if (ffi::Error e = CheckFarthestPointSample(kOp, xyz, npoint, *idx, *workspace, &s); e.failure())
+    return FailedFuture(std::move(e));
 
-  const int64_t nb = s->b, n = s->n, np = npoint;
+  const int64_t nb = s.b, n = s.n, np = npoint;
   const float* in = xyz.typed_data<float>();
   int32_t* out = idx->typed_data<int32_t>();
   static const FpsFn loop = SelectFps();

@@ -12,24 +12,13 @@ constexpr const char* kOp = "xla_ops_nn_distance";
 ffi::Error NnDistanceImpl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b,
                           ffi::Result<ffi::AnyBuffer> dist_ab, ffi::Result<ffi::AnyBuffer> idx_ab,
                           ffi::Result<ffi::AnyBuffer> dist_ba, ffi::Result<ffi::AnyBuffer> idx_ba) {
-  auto sa = PointsOf(kOp, "a", a, ffi::F32);
-  if (sa.has_error()) return sa.error();
-  auto sb = PointsOf(kOp, "b", b, ffi::F32);
-  if (sb.has_error()) return sb.error();
-  if (sa->c != 3 || sb->c != 3)
-    return InvalidArgument(kOp, "a and b must have 3 channels, got " + std::to_string(sa->c) + " and " +
-                                    std::to_string(sb->c));
-  XLA_OPS_RETURN_IF_ERROR(CheckSameBatch(kOp, "a", *sa, "b", *sb));
-  if (sa->n < 1 || sb->n < 1) return InvalidArgument(kOp, "a and b need at least one point");
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kOp, "dist_ab", *dist_ab, ffi::F32, sa->b * sa->n));
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kOp, "idx_ab", *idx_ab, ffi::S32, sa->b * sa->n));
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kOp, "dist_ba", *dist_ba, ffi::F32, sb->b * sb->n));
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kOp, "idx_ba", *idx_ba, ffi::S32, sb->b * sb->n));
+  PointShape sa, sb;
+  XLA_OPS_RETURN_IF_ERROR(CheckNnDistance(kOp, a, b, *dist_ab, *idx_ab, *dist_ba, *idx_ba, &sa, &sb));
   const float* pa = a.typed_data<float>();
   const float* pb = b.typed_data<float>();
-  XLA_OPS_RETURN_IF_ERROR(LaunchNearestK<1>(kOp, stream, sa->b, sa->n, sb->n, pa, pb, dist_ab->typed_data<float>(),
+  XLA_OPS_RETURN_IF_ERROR(LaunchNearestK<1>(kOp, stream, sa.b, sa.n, sb.n, pa, pb, dist_ab->typed_data<float>(),
                                             idx_ab->typed_data<int32_t>()));
-  return LaunchNearestK<1>(kOp, stream, sb->b, sb->n, sa->n, pb, pa, dist_ba->typed_data<float>(),
+  return LaunchNearestK<1>(kOp, stream, sb.b, sb.n, sa.n, pb, pa, dist_ba->typed_data<float>(),
                            idx_ba->typed_data<int32_t>());
 }
 

@@ -1,6 +1,6 @@
-// Shared helpers for the xla_ops CUDA handlers: shape validation (same rules as the CPU handlers, so a bad
-// call is rejected with InvalidArgument before anything is launched), launch-error reporting, grid sizing
-// and the block reductions the kernels share.
+// Shared helpers for the xla_ops CUDA handlers: launch-error reporting, grid sizing and the block reductions
+// the kernels share. Argument checks are the ones the CPU handlers use (checks.h), run before anything is
+// launched.
 //
 // Conventions on top of common.h:
 //  * Every handler runs on XLA's stream (.Ctx<ffi::PlatformStream<cudaStream_t>>()) and never synchronises or
@@ -21,56 +21,12 @@
 #include <optional>
 #include <string>
 
+#include "checks.h"
 #include "common.h"
 #include "distance.h"  // SqDist3, SqDistC: the distances shared with the CPU handlers
 
 namespace xla_ops {
 namespace cuda {
-
-#define XLA_OPS_RETURN_IF_ERROR(expr)   \
-  do {                                  \
-    ::xla_ops::ffi::Error _err = (expr); \
-    if (_err.failure()) return _err;    \
-  } while (0)
-
-inline std::string DimsString(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
-
-// Flattens `buffer` to a PointShape [B, N, C] (common.h) after checking its dtype; `what` names it in errors.
-// N must fit the int32 indices the ops return.
-inline ffi::ErrorOr<PointShape> PointsOf(const char* op, const char* what, const ffi::AnyBuffer& buffer,
-                                         ffi::DataType dtype) {
-  if (buffer.element_type() != dtype)
-    return ffi::Unexpected(InvalidArgument(
-        op, std::string(what) + " must be " + (dtype == ffi::F32 ? "float32" : "int32")));
-  auto shape = AsPointShape(buffer.dimensions(), what);
-  if (shape.has_error()) return ffi::Unexpected(InvalidArgument(op, shape.error().message()));
-  if (shape->n > std::numeric_limits<int32_t>::max())
-    return ffi::Unexpected(InvalidArgument(op, std::string(what) + " has too many points for int32 indices"));
-  return shape;
-}
-
-// Checks that a result buffer has `dtype` and exactly `count` elements.
-inline ffi::Error CheckResult(const char* op, const char* what, const ffi::AnyBuffer& buffer, ffi::DataType dtype,
-                              int64_t count) {
-  if (buffer.element_type() != dtype)
-    return InvalidArgument(op, std::string(what) + " must be " + (dtype == ffi::F32 ? "float32" : "int32"));
-  if (static_cast<int64_t>(buffer.element_count()) != count)
-    return InvalidArgument(op, std::string(what) + " has " + std::to_string(buffer.element_count()) +
-                                   " elements, expected " + std::to_string(count));
-  return ffi::Error::Success();
-}
-
-inline ffi::Error CheckSameBatch(const char* op, const char* a, const PointShape& sa, const char* b,
-                                 const PointShape& sb) {
-  if (sa.b != sb.b)
-    return InvalidArgument(op, std::string("batch mismatch: ") + a + " has " + std::to_string(sa.b) + ", " + b +
-                                   " has " + std::to_string(sb.b));
-  return ffi::Error::Success();
-}
 
 // Turns the sticky launch error (bad configuration, no kernel image for this GPU, ...) into an ffi::Error.
 inline ffi::Error CheckLaunch(const char* op) {

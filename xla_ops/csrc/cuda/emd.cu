@@ -199,29 +199,11 @@ __global__ void MatchNonFiniteKernel(int64_t b, int64_t n, int64_t m, const floa
   }
 }
 
-// Checks xyz1 [..., n, 3] and xyz2 [..., m, 3] (same batch, n, m >= 1).
-ffi::Error CheckPair(const char* op, const ffi::AnyBuffer& xyz1, const ffi::AnyBuffer& xyz2, PointShape& s1,
-                     PointShape& s2) {
-  auto a = PointsOf(op, "xyz1", xyz1, ffi::F32);
-  if (a.has_error()) return a.error();
-  auto b = PointsOf(op, "xyz2", xyz2, ffi::F32);
-  if (b.has_error()) return b.error();
-  if (a->c != 3 || b->c != 3)
-    return InvalidArgument(op, "xyz1 and xyz2 must have 3 channels, got " + std::to_string(a->c) + " and " +
-                                   std::to_string(b->c));
-  XLA_OPS_RETURN_IF_ERROR(CheckSameBatch(op, "xyz1", *a, "xyz2", *b));
-  if (a->n < 1 || b->n < 1) return InvalidArgument(op, "xyz1 and xyz2 need at least one point");
-  s1 = *a;
-  s2 = *b;
-  return ffi::Error::Success();
-}
-
 ffi::Error ApproxMatchImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2,
                            ffi::Result<ffi::AnyBuffer> match, ffi::Result<ffi::AnyBuffer> workspace) {
   PointShape s1, s2;
-  XLA_OPS_RETURN_IF_ERROR(CheckPair(kMatchOp, xyz1, xyz2, s1, s2));
+  XLA_OPS_RETURN_IF_ERROR(CheckApproxMatch(kMatchOp, xyz1, xyz2, *match, &s1, &s2));
   const int64_t b = s1.b, n = s1.n, m = s2.n;
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kMatchOp, "match", *match, ffi::F32, b * m * n));
   if (workspace->element_type() != ffi::F32) return InvalidArgument(kMatchOp, "workspace must be float32");
   if (b == 0) return ffi::Error::Success();
   const int64_t stride = static_cast<int64_t>(workspace->element_count()) / b;
@@ -295,25 +277,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Checks xyz1, xyz2 and match [..., m, n].
-ffi::Error CheckMatchArgs(const char* op, const ffi::AnyBuffer& xyz1, const ffi::AnyBuffer& xyz2,
-                          const ffi::AnyBuffer& match, PointShape& s1, PointShape& s2) {
-  XLA_OPS_RETURN_IF_ERROR(CheckPair(op, xyz1, xyz2, s1, s2));
-  auto sm = PointsOf(op, "match", match, ffi::F32);
-  if (sm.has_error()) return sm.error();
-  if (sm->b != s1.b || sm->n != s2.n || sm->c != s1.n)
-    return InvalidArgument(op, "match must be [..., m=" + std::to_string(s2.n) + ", n=" + std::to_string(s1.n) +
-                                   "] with the batch of xyz1, got " + DimsString(match.dimensions()));
-  return ffi::Error::Success();
-}
-
 ffi::Error MatchCostImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer match,
                          ffi::Result<ffi::AnyBuffer> cost, ffi::Result<ffi::AnyBuffer> row_cost) {
   PointShape s1, s2;
-  XLA_OPS_RETURN_IF_ERROR(CheckMatchArgs(kCostOp, xyz1, xyz2, match, s1, s2));
+  XLA_OPS_RETURN_IF_ERROR(CheckMatchCost(kCostOp, xyz1, xyz2, match, *cost, *row_cost, &s1, &s2));
   const int64_t b = s1.b, n = s1.n, m = s2.n;
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kCostOp, "cost", *cost, ffi::F32, b));
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kCostOp, "workspace (row costs)", *row_cost, ffi::F32, b * m));
   if (b == 0) return ffi::Error::Success();
   constexpr int kWarpsPerBlock = kThreads / 32;
   MatchCostRowKernel<<<StrideBlocks(b * m, kWarpsPerBlock), kThreads, 0, stream>>>(
@@ -400,10 +368,8 @@ __global__ void MatchCostGrad2Kernel(int64_t b, int64_t n, int64_t m, const floa
 ffi::Error MatchCostGradImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer match,
                              ffi::Result<ffi::AnyBuffer> grad1, ffi::Result<ffi::AnyBuffer> grad2) {
   PointShape s1, s2;
-  XLA_OPS_RETURN_IF_ERROR(CheckMatchArgs(kCostGradOp, xyz1, xyz2, match, s1, s2));
+  XLA_OPS_RETURN_IF_ERROR(CheckMatchCostGrad(kCostGradOp, xyz1, xyz2, match, *grad1, *grad2, &s1, &s2));
   const int64_t b = s1.b, n = s1.n, m = s2.n;
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kCostGradOp, "grad1", *grad1, ffi::F32, b * n * 3));
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kCostGradOp, "grad2", *grad2, ffi::F32, b * m * 3));
   if (b == 0) return ffi::Error::Success();
   const float* p1 = xyz1.typed_data<float>();
   const float* p2 = xyz2.typed_data<float>();

@@ -40,22 +40,12 @@ __global__ void BallQueryKernel(int64_t b, int64_t n, int64_t m, int32_t nsample
 
 ffi::Error BallQueryImpl(cudaStream_t stream, ffi::AnyBuffer xyz, ffi::AnyBuffer new_xyz, float radius,
                          int32_t nsample, ffi::Result<ffi::AnyBuffer> idx, ffi::Result<ffi::AnyBuffer> count) {
-  auto sx = PointsOf(kBallQueryOp, "xyz", xyz, ffi::F32);
-  if (sx.has_error()) return sx.error();
-  auto sq = PointsOf(kBallQueryOp, "new_xyz", new_xyz, ffi::F32);
-  if (sq.has_error()) return sq.error();
-  if (sx->c != 3 || sq->c != 3)
-    return InvalidArgument(kBallQueryOp, "xyz and new_xyz must have 3 channels, got " + std::to_string(sx->c) +
-                                             " and " + std::to_string(sq->c));
-  XLA_OPS_RETURN_IF_ERROR(CheckSameBatch(kBallQueryOp, "xyz", *sx, "new_xyz", *sq));
-  if (nsample < 1) return InvalidArgument(kBallQueryOp, "nsample must be >= 1, got " + std::to_string(nsample));
-  if (!(radius > 0.0f)) return InvalidArgument(kBallQueryOp, "radius must be > 0, got " + std::to_string(radius));
-  const int64_t queries = sq->b * sq->n;
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kBallQueryOp, "idx", *idx, ffi::S32, queries * nsample));
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kBallQueryOp, "count", *count, ffi::S32, queries));
+  PointShape sx, sq;
+  XLA_OPS_RETURN_IF_ERROR(CheckBallQuery(kBallQueryOp, xyz, new_xyz, radius, nsample, *idx, *count, &sx, &sq));
+  const int64_t queries = sq.b * sq.n;
   if (queries == 0) return ffi::Error::Success();
   BallQueryKernel<<<StrideBlocks(queries, kThreads), kThreads, 0, stream>>>(
-      sx->b, sx->n, sq->n, nsample, radius * radius, xyz.typed_data<float>(), new_xyz.typed_data<float>(),
+      sx.b, sx.n, sq.n, nsample, radius * radius, xyz.typed_data<float>(), new_xyz.typed_data<float>(),
       idx->typed_data<int32_t>(), count->typed_data<int32_t>());
   return CheckLaunch(kBallQueryOp);
 }
@@ -87,40 +77,27 @@ __global__ void GroupPointsGradKernel(int64_t b, int64_t n, int64_t c, int64_t m
 
 ffi::Error GroupPointsImpl(cudaStream_t stream, ffi::AnyBuffer points, ffi::AnyBuffer idx,
                            ffi::Result<ffi::AnyBuffer> out) {
-  auto sp = PointsOf(kGroupPointsOp, "points", points, ffi::F32);
-  if (sp.has_error()) return sp.error();
-  auto si = PointsOf(kGroupPointsOp, "idx", idx, ffi::S32);  // [B, M, K] viewed as a point set
-  if (si.has_error()) return si.error();
-  XLA_OPS_RETURN_IF_ERROR(CheckSameBatch(kGroupPointsOp, "points", *sp, "idx", *si));
-  const int64_t total = si->b * si->n * si->c * sp->c;
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kGroupPointsOp, "out", *out, ffi::F32, total));
+  PointShape sp, si;  // si views idx [..., M, K] as [B, M, K]
+  XLA_OPS_RETURN_IF_ERROR(CheckGroupPoints(kGroupPointsOp, points, idx, *out, &sp, &si));
+  const int64_t total = si.b * si.n * si.c * sp.c;
   if (total == 0) return ffi::Error::Success();
   GroupPointsKernel<<<StrideBlocks(total, kThreads), kThreads, 0, stream>>>(
-      sp->b, sp->n, sp->c, si->n * si->c, points.typed_data<float>(), idx.typed_data<int32_t>(),
+      sp.b, sp.n, sp.c, si.n * si.c, points.typed_data<float>(), idx.typed_data<int32_t>(),
       out->typed_data<float>());
   return CheckLaunch(kGroupPointsOp);
 }
 
 ffi::Error GroupPointsGradImpl(cudaStream_t stream, ffi::AnyBuffer grad_out, ffi::AnyBuffer idx, int32_t npoints,
                                ffi::Result<ffi::AnyBuffer> grad_points) {
-  auto si = PointsOf(kGroupPointsGradOp, "idx", idx, ffi::S32);
-  if (si.has_error()) return si.error();
-  if (grad_out.element_type() != ffi::F32) return InvalidArgument(kGroupPointsGradOp, "grad_out must be float32");
-  const auto gdims = grad_out.dimensions();
-  const auto idims = idx.dimensions();
-  // grad_out is [..., M, K, C] with [..., M, K] == idx's shape.
-  if (gdims.size() != idims.size() + 1 || !std::equal(idims.begin(), idims.end(), gdims.begin()))
-    return InvalidArgument(kGroupPointsGradOp, "grad_out must have shape idx.shape + [C], got " +
-                                                   DimsString(gdims) + " for idx " + DimsString(idims));
-  if (npoints < 1) return InvalidArgument(kGroupPointsGradOp, "npoints must be >= 1, got " + std::to_string(npoints));
-  const int64_t c = gdims[gdims.size() - 1];
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kGroupPointsGradOp, "grad_points", *grad_points, ffi::F32, si->b * npoints * c));
+  PointShape si;  // idx [..., M, K] viewed as [B, M, K]
+  int64_t c = 0;
+  XLA_OPS_RETURN_IF_ERROR(CheckGroupPointsGrad(kGroupPointsGradOp, grad_out, idx, npoints, *grad_points, &si, &c));
   float* gp = grad_points->typed_data<float>();
   XLA_OPS_RETURN_IF_ERROR(ZeroAsync(kGroupPointsGradOp, gp, grad_points->size_bytes(), stream));
-  const int64_t total = si->b * si->n * si->c * c;
+  const int64_t total = si.b * si.n * si.c * c;
   if (total == 0) return ffi::Error::Success();
   GroupPointsGradKernel<<<StrideBlocks(total, kThreads), kThreads, 0, stream>>>(
-      si->b, npoints, c, si->n * si->c, grad_out.typed_data<float>(), idx.typed_data<int32_t>(), gp);
+      si.b, npoints, c, si.n * si.c, grad_out.typed_data<float>(), idx.typed_data<int32_t>(), gp);
   return CheckLaunch(kGroupPointsGradOp);
 }
 

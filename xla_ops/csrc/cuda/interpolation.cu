@@ -19,18 +19,9 @@ constexpr int kThreads = 256;
 
 ffi::Error ThreeNnImpl(cudaStream_t stream, ffi::AnyBuffer unknown, ffi::AnyBuffer known,
                        ffi::Result<ffi::AnyBuffer> dist, ffi::Result<ffi::AnyBuffer> idx) {
-  auto su = PointsOf(kThreeNnOp, "unknown", unknown, ffi::F32);
-  if (su.has_error()) return su.error();
-  auto sk = PointsOf(kThreeNnOp, "known", known, ffi::F32);
-  if (sk.has_error()) return sk.error();
-  if (su->c != 3 || sk->c != 3)
-    return InvalidArgument(kThreeNnOp, "unknown and known must have 3 channels, got " + std::to_string(su->c) +
-                                           " and " + std::to_string(sk->c));
-  XLA_OPS_RETURN_IF_ERROR(CheckSameBatch(kThreeNnOp, "unknown", *su, "known", *sk));
-  if (sk->n < 1) return InvalidArgument(kThreeNnOp, "known needs at least one point");
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kThreeNnOp, "dist", *dist, ffi::F32, su->b * su->n * 3));
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kThreeNnOp, "idx", *idx, ffi::S32, su->b * su->n * 3));
-  return LaunchNearestK<3>(kThreeNnOp, stream, su->b, su->n, sk->n, unknown.typed_data<float>(),
+  PointShape su, sk;
+  XLA_OPS_RETURN_IF_ERROR(CheckThreeNn(kThreeNnOp, unknown, known, *dist, *idx, &su, &sk));
+  return LaunchNearestK<3>(kThreeNnOp, stream, su.b, su.n, sk.n, unknown.typed_data<float>(),
                            known.typed_data<float>(), dist->typed_data<float>(), idx->typed_data<int32_t>());
 }
 
@@ -71,30 +62,14 @@ __global__ void ThreeInterpolateGradKernel(int64_t b, int64_t m, int64_t n, int6
   }
 }
 
-// Checks idx s32 [..., n, 3] and weight f32 of the same shape; returns idx's PointShape.
-ffi::ErrorOr<PointShape> CheckIdxWeight(const char* op, const ffi::AnyBuffer& idx, const ffi::AnyBuffer& weight) {
-  auto si = PointsOf(op, "idx", idx, ffi::S32);
-  if (si.has_error()) return si;
-  if (si->c != 3) return ffi::Unexpected(InvalidArgument(op, "idx must be [..., n, 3], got " + DimsString(idx.dimensions())));
-  if (weight.element_type() != ffi::F32) return ffi::Unexpected(InvalidArgument(op, "weight must be float32"));
-  if (!(weight.dimensions() == idx.dimensions()))
-    return ffi::Unexpected(InvalidArgument(op, "weight must have idx's shape " + DimsString(idx.dimensions()) +
-                                                   ", got " + DimsString(weight.dimensions())));
-  return si;
-}
-
 ffi::Error ThreeInterpolateImpl(cudaStream_t stream, ffi::AnyBuffer features, ffi::AnyBuffer idx,
                                 ffi::AnyBuffer weight, ffi::Result<ffi::AnyBuffer> out) {
-  auto sf = PointsOf(kInterpOp, "features", features, ffi::F32);
-  if (sf.has_error()) return sf.error();
-  auto si = CheckIdxWeight(kInterpOp, idx, weight);
-  if (si.has_error()) return si.error();
-  XLA_OPS_RETURN_IF_ERROR(CheckSameBatch(kInterpOp, "features", *sf, "idx", *si));
-  const int64_t total = si->b * si->n * sf->c;
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kInterpOp, "out", *out, ffi::F32, total));
+  PointShape sf, si;
+  XLA_OPS_RETURN_IF_ERROR(CheckThreeInterpolate(kInterpOp, features, idx, weight, *out, &sf, &si));
+  const int64_t total = si.b * si.n * sf.c;
   if (total == 0) return ffi::Error::Success();
   ThreeInterpolateKernel<<<StrideBlocks(total, kThreads), kThreads, 0, stream>>>(
-      sf->b, sf->n, si->n, sf->c, features.typed_data<float>(), idx.typed_data<int32_t>(),
+      sf.b, sf.n, si.n, sf.c, features.typed_data<float>(), idx.typed_data<int32_t>(),
       weight.typed_data<float>(), out->typed_data<float>());
   return CheckLaunch(kInterpOp);
 }
@@ -102,22 +77,15 @@ ffi::Error ThreeInterpolateImpl(cudaStream_t stream, ffi::AnyBuffer features, ff
 ffi::Error ThreeInterpolateGradImpl(cudaStream_t stream, ffi::AnyBuffer grad_out, ffi::AnyBuffer idx,
                                     ffi::AnyBuffer weight, int32_t npoints,
                                     ffi::Result<ffi::AnyBuffer> grad_features) {
-  auto sg = PointsOf(kInterpGradOp, "grad_out", grad_out, ffi::F32);
-  if (sg.has_error()) return sg.error();
-  auto si = CheckIdxWeight(kInterpGradOp, idx, weight);
-  if (si.has_error()) return si.error();
-  if (sg->b != si->b || sg->n != si->n)
-    return InvalidArgument(kInterpGradOp, "grad_out must be [..., n, C] for idx " + DimsString(idx.dimensions()) +
-                                              ", got " + DimsString(grad_out.dimensions()));
-  if (npoints < 1) return InvalidArgument(kInterpGradOp, "npoints must be >= 1, got " + std::to_string(npoints));
+  PointShape sg, si;
   XLA_OPS_RETURN_IF_ERROR(
-      CheckResult(kInterpGradOp, "grad_features", *grad_features, ffi::F32, sg->b * npoints * sg->c));
+      CheckThreeInterpolateGrad(kInterpGradOp, grad_out, idx, weight, npoints, *grad_features, &sg, &si));
   float* gf = grad_features->typed_data<float>();
   XLA_OPS_RETURN_IF_ERROR(ZeroAsync(kInterpGradOp, gf, grad_features->size_bytes(), stream));
-  const int64_t total = sg->b * sg->n * sg->c;
+  const int64_t total = sg.b * sg.n * sg.c;
   if (total == 0) return ffi::Error::Success();
   ThreeInterpolateGradKernel<<<StrideBlocks(total, kThreads), kThreads, 0, stream>>>(
-      sg->b, npoints, sg->n, sg->c, grad_out.typed_data<float>(), idx.typed_data<int32_t>(),
+      sg.b, npoints, sg.n, sg.c, grad_out.typed_data<float>(), idx.typed_data<int32_t>(),
       weight.typed_data<float>(), gf);
   return CheckLaunch(kInterpGradOp);
 }

@@ -180,29 +180,18 @@ void LaunchRegister(unsigned int grid, cudaStream_t stream, int64_t b, int64_t m
 
 ffi::Error KnnImpl(cudaStream_t stream, ffi::AnyBuffer query, ffi::AnyBuffer ref, int32_t k,
                    ffi::Result<ffi::AnyBuffer> dist, ffi::Result<ffi::AnyBuffer> idx) {
-  auto sq = PointsOf(kOp, "query", query, ffi::F32);
-  if (sq.has_error()) return sq.error();
-  auto sr = PointsOf(kOp, "ref", ref, ffi::F32);
-  if (sr.has_error()) return sr.error();
-  XLA_OPS_RETURN_IF_ERROR(CheckSameBatch(kOp, "query", *sq, "ref", *sr));
-  if (sq->c != sr->c || sq->c < 1)
-    return InvalidArgument(kOp, "query and ref must have the same channel count >= 1, got " +
-                                    std::to_string(sq->c) + " and " + std::to_string(sr->c));
-  if (k < 1 || k > sr->n)
-    return InvalidArgument(kOp, "k must be in [1, N=" + std::to_string(sr->n) + "], got " + std::to_string(k));
-  const int64_t rows = sq->b * sq->n;
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kOp, "dist", *dist, ffi::F32, rows * k));
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kOp, "idx", *idx, ffi::S32, rows * k));
-  const int64_t blocks = sq->b * CeilDiv(sq->n, kThreads);
+  PointShape sq, sr;
+  XLA_OPS_RETURN_IF_ERROR(CheckKnn(kOp, query, ref, k, *dist, *idx, &sq, &sr));
+  const int64_t blocks = sq.b * CeilDiv(sq.n, kThreads);
   if (blocks == 0) return ffi::Error::Success();
 
-  const int64_t c = sq->c;
+  const int64_t c = sq.c;
   const unsigned int grid = static_cast<unsigned int>(std::min(blocks, kMaxGridX));
   const float* pq = query.typed_data<float>();
   const float* pr = ref.typed_data<float>();
   float* od = dist->typed_data<float>();
   int32_t* oi = idx->typed_data<int32_t>();
-  const int64_t b = sq->b, m = sq->n, n = sr->n;
+  const int64_t b = sq.b, m = sq.n, n = sr.n;
   if (c == 3) {
     LaunchRegister<3>(grid, stream, b, m, n, k, pq, pr, od, oi);
   } else if (c == 32) {

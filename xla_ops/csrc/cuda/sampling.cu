@@ -81,23 +81,15 @@ __global__ void FpsKernel(int64_t b, int64_t n, int32_t npoint, const float* __r
 
 ffi::Error FpsImpl(cudaStream_t stream, ffi::AnyBuffer xyz, int32_t npoint, ffi::Result<ffi::AnyBuffer> idx,
                    ffi::Result<ffi::AnyBuffer> workspace) {
-  auto s = PointsOf(kFpsOp, "xyz", xyz, ffi::F32);
-  if (s.has_error()) return s.error();
-  if (s->c != 3) return InvalidArgument(kFpsOp, "xyz must have 3 channels, got " + std::to_string(s->c));
-  if (s->n < 1) return InvalidArgument(kFpsOp, "xyz needs at least one point");
-  if (npoint < 1 || npoint > s->n)
-    return InvalidArgument(kFpsOp, "npoint must be in [1, N=" + std::to_string(s->n) + "], got " +
-                                       std::to_string(npoint));
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kFpsOp, "idx", *idx, ffi::S32, s->b * npoint));
-  if (s->b == 0) return ffi::Error::Success();
-
   // The running minimum distances [b, n] live in a workspace output (not XLA scratch: command buffers).
-  XLA_OPS_RETURN_IF_ERROR(CheckResult(kFpsOp, "workspace", *workspace, ffi::F32, s->b * s->n));
+  PointShape s;
+  XLA_OPS_RETURN_IF_ERROR(CheckFarthestPointSample(kFpsOp, xyz, npoint, *idx, *workspace, &s));
+  if (s.b == 0) return ffi::Error::Success();
   float* mind = workspace->typed_data<float>();
   // Enough threads to cover the points once (rounded to warps), at most 1024.
-  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, CeilDiv(s->n, 32) * 32)));
-  const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(s->b, kMaxGridX));
-  FpsKernel<<<blocks, threads, 0, stream>>>(s->b, s->n, npoint, xyz.typed_data<float>(), mind,
+  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, CeilDiv(s.n, 32) * 32)));
+  const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(s.b, kMaxGridX));
+  FpsKernel<<<blocks, threads, 0, stream>>>(s.b, s.n, npoint, xyz.typed_data<float>(), mind,
                                              idx->typed_data<int32_t>());
   return CheckLaunch(kFpsOp);
 }
