@@ -185,7 +185,10 @@ def approx_match(xyz1: jax.Array, xyz2: jax.Array, *, lengths_a: jax.Array | Non
   _check_pair(xyz1, xyz2)
   lengths1, lengths2 = _lengths(xyz1, xyz2, lengths_a, lengths_b)
   dtype = _checks.out_dtype(xyz1, xyz2)
-  return _approx_match_f32(*_checks.to_f32(xyz1, xyz2), lengths1, lengths2, impl).astype(dtype)
+  xyz1, xyz2 = _checks.to_f32(xyz1, xyz2)
+  if lengths_a is not None or lengths_b is not None:
+    xyz1, xyz2 = _zero_padding(xyz1, xyz2, lengths1, lengths2)
+  return _approx_match_f32(xyz1, xyz2, lengths1, lengths2, impl).astype(dtype)
 
 
 def _approx_match_f32(xyz1, xyz2, lengths1, lengths2, impl):
@@ -235,6 +238,14 @@ def _match_cost_bwd(impl, residuals, grad_cost):
 
 
 _match_cost.defvjp(_match_cost_fwd, _match_cost_bwd)
+
+
+def _zero_padding(xyz1, xyz2, lengths1, lengths2):
+  """Zeroes the coordinates of padded points (the CUDA kernels give them no mass but still read them; NaN
+  padding would poison 0 * exp(...)). Their gradients are 0."""
+  valid1 = jnp.arange(xyz1.shape[-2]) < lengths1[..., None]
+  valid2 = jnp.arange(xyz2.shape[-2]) < lengths2[..., None]
+  return jnp.where(valid1[..., None], xyz1, 0.0), jnp.where(valid2[..., None], xyz2, 0.0)
 
 
 def _mask_match(xyz1, xyz2, match, lengths1, lengths2):
@@ -337,6 +348,8 @@ def earth_mover_distance(xyz1: jax.Array, xyz2: jax.Array, *, lengths_a: jax.Arr
   lengths1, lengths2 = _lengths(xyz1, xyz2, lengths_a, lengths_b)
   dtype = _checks.out_dtype(xyz1, xyz2)
   xyz1, xyz2 = _checks.to_f32(xyz1, xyz2)  # the match stays float32 whatever the input dtype
+  if lengths_a is not None or lengths_b is not None:
+    xyz1, xyz2 = _zero_padding(xyz1, xyz2, lengths1, lengths2)
   scale = None
   if normalize_scale:
     # The gradient through s is exactly 0 for a constant match (the cost is homogeneous of degree 1).
