@@ -700,6 +700,7 @@ struct EmdRowData {
   int64_t i;
   float* row_cost;  // [m] of the item
   float* grad2;     // [m, 3] of the item (original order)
+  bool with_grad;   // false: the cost only (grad2 and gcol stay 0)
 };
 
 XLA_OPS_SIMD_CLONES
@@ -756,7 +757,17 @@ void EmdRows(const EmdRowData& e, int64_t l_begin, int64_t l_end, float* gcol) {
     const int64_t num = BitRuns(touched.data(), num_words, ranges.data());
     float cost[kLanes] = {}, sx[kLanes] = {}, sy[kLanes] = {}, sz[kLanes] = {};
     for (int64_t s = 0; s < num; ++s)
-      for (int64_t k0 = ranges[2 * s]; k0 < ranges[2 * s + 1]; k0 += kLanes)
+      for (int64_t k0 = ranges[2 * s]; k0 < ranges[2 * s + 1]; k0 += kLanes) {
+        if (!e.with_grad) {
+          for (int j = 0; j < kLanes; ++j) {
+            const int64_t k = k0 + j;
+            const float dx = x1[k] - x, dy = y1[k] - y, dz = z1[k] - z;
+            const float d2 = dx * dx + dy * dy + dz * dz;
+            cost[j] += row[k] * (d2 * RSqrt(d2));
+            row[k] = 0.0f;
+          }
+          continue;
+        }
         for (int j = 0; j < kLanes; ++j) {
           const int64_t k = k0 + j;
           const float mk = row[k];
@@ -768,6 +779,7 @@ void EmdRows(const EmdRowData& e, int64_t l_begin, int64_t l_end, float* gcol) {
           sx[j] -= g * dx, sy[j] -= g * dy, sz[j] -= g * dz;
           gx[k] += g * dx, gy[k] += g * dy, gz[k] += g * dz;
         }
+      }
     float c = 0.0f, gxs = 0.0f, gys = 0.0f, gzs = 0.0f;
     for (int j = 0; j < kLanes; ++j) c += cost[j], gxs += sx[j], gys += sy[j], gzs += sz[j];
     e.row_cost[l] = c;
@@ -777,10 +789,12 @@ void EmdRows(const EmdRowData& e, int64_t l_begin, int64_t l_end, float* gcol) {
 
 // Approximate EMD (approx_match + match_cost) and its gradient w.r.t. both clouds in O(B (n + m)) memory: the
 // rounds run as in approx_match keeping their factors instead of the match, then EmdRows rebuilds each match
-// row to add its terms. `workspace` is used by the CUDA handler only.
+// row to add its terms. with_grad = 0: the cost only (grad1, grad2 are 0: the primal of a jitted evaluation),
+// 1: both. `workspace` is used by the CUDA handler only.
 ffi::Error EmdImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer lengths1,
-                   ffi::AnyBuffer lengths2, ffi::Result<ffi::AnyBuffer> cost, ffi::Result<ffi::AnyBuffer> grad1,
-                   ffi::Result<ffi::AnyBuffer> grad2, ffi::Result<ffi::AnyBuffer> /*workspace*/) {
+                   ffi::AnyBuffer lengths2, int32_t with_grad, ffi::Result<ffi::AnyBuffer> cost,
+                   ffi::Result<ffi::AnyBuffer> grad1, ffi::Result<ffi::AnyBuffer> grad2,
+                   ffi::Result<ffi::AnyBuffer> /*workspace*/) {
   PointShape s1, s2;
   if (auto err = CheckPair(kEmdOp, xyz1, xyz2, &s1, &s2); err.failure()) return err;
   const int64_t nb = s1.b, n = s1.n, m = s2.n;
@@ -803,7 +817,7 @@ ffi::Error EmdImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz
                       if (!run.active[i] || block >= run.row_blocks[i]) return;
                       const int64_t begin = block * run.rows_per_block[i];
                       const int64_t end = std::min(run.len2[i], begin + run.rows_per_block[i]);
-                      EmdRows({&run, i, &row_cost[i * m], out_g2 + i * m * 3}, begin, end,
+                      EmdRows({&run, i, &row_cost[i * m], out_g2 + i * m * 3, with_grad != 0}, begin, end,
                               &gcol[(i * run.max_row_blocks + block) * 3 * np]);
                     }});
   phases.push_back({1, [&](int64_t i, int64_t) {  // grad1 (block order), padded points, cost (row order)
@@ -1024,6 +1038,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EmdCpu, EmdImpl,
                                   .Arg<ffi::AnyBuffer>()    // xyz2
                                   .Arg<ffi::AnyBuffer>()    // lengths1 (int32 [...])
                                   .Arg<ffi::AnyBuffer>()    // lengths2
+                                  .Attr<int32_t>("with_grad")
                                   .Ret<ffi::AnyBuffer>()    // cost
                                   .Ret<ffi::AnyBuffer>()    // grad1
                                   .Ret<ffi::AnyBuffer>()    // grad2

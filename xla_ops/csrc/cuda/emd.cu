@@ -452,9 +452,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// with_grad = 0: the cost only (grad1 is zeroed instead of computed; EmdRowKernel's grad2 comes for free).
 ffi::Error EmdImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer lengths1,
-                   ffi::AnyBuffer lengths2, ffi::Result<ffi::AnyBuffer> cost, ffi::Result<ffi::AnyBuffer> grad1,
-                   ffi::Result<ffi::AnyBuffer> grad2, ffi::Result<ffi::AnyBuffer> workspace) {
+                   ffi::AnyBuffer lengths2, int32_t with_grad, ffi::Result<ffi::AnyBuffer> cost,
+                   ffi::Result<ffi::AnyBuffer> grad1, ffi::Result<ffi::AnyBuffer> grad2,
+                   ffi::Result<ffi::AnyBuffer> workspace) {
   PointShape s1, s2;
   XLA_OPS_RETURN_IF_ERROR(CheckPair(kEmdOp, xyz1, xyz2, s1, s2));
   const int64_t b = s1.b, n = s1.n, m = s2.n;
@@ -482,9 +484,13 @@ ffi::Error EmdImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2
                                     lengths2.typed_data<int32_t>(), ws, nullptr, base + layout.rounds(0), stride));
   Levels levels;
   for (int r = 0; r < kRounds; ++r) levels.v[r] = Level(r);
-  EmdGrad1Kernel<<<TileBlocks(b, n), kThreads, 0, stream>>>(b, n, m, levels, p1, p2, base, layout,
-                                                             grad1->typed_data<float>());
-  XLA_OPS_RETURN_IF_ERROR(CheckLaunch(kEmdOp));
+  if (with_grad != 0) {
+    EmdGrad1Kernel<<<TileBlocks(b, n), kThreads, 0, stream>>>(b, n, m, levels, p1, p2, base, layout,
+                                                               grad1->typed_data<float>());
+    XLA_OPS_RETURN_IF_ERROR(CheckLaunch(kEmdOp));
+  } else {
+    XLA_OPS_RETURN_IF_ERROR(ZeroAsync(kEmdOp, grad1->typed_data<float>(), grad1->size_bytes(), stream));
+  }
   constexpr int kWarpsPerBlock = kThreads / 32;
   EmdRowKernel<<<StrideBlocks(b * m, kWarpsPerBlock), kThreads, 0, stream>>>(b, n, m, levels, p1, p2, base, layout,
                                                                             grad2->typed_data<float>());
@@ -698,6 +704,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EmdCuda, EmdImpl,
                                   .Arg<ffi::AnyBuffer>()   // xyz2
                                   .Arg<ffi::AnyBuffer>()   // lengths1 (int32 [...])
                                   .Arg<ffi::AnyBuffer>()   // lengths2
+                                  .Attr<int32_t>("with_grad")
                                   .Ret<ffi::AnyBuffer>()   // cost
                                   .Ret<ffi::AnyBuffer>()   // grad1
                                   .Ret<ffi::AnyBuffer>()   // grad2
