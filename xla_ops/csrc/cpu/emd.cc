@@ -1,15 +1,17 @@
 // Approximate EMD on CPU: approx_match (the multi-scale soft auction of the original GPU kernel,
-// metric/tf_approxmatch_g.cu), match_cost and match_cost_grad. float32 throughout, like the GPU kernel.
+// metric/tf_approxmatch_g.cu), match_cost, match_cost_grad, and emd (approx_match + match_cost with its
+// gradient, without the match: EmdImpl). float32 throughout, like the GPU kernel.
 //
 // approx_match evaluates the original's 10 rounds x 3 passes as one sweep over the rows (xyz2 points) per
-// round against the Morton-sorted xyz1 columns, with culling (see "approx_match" below). Parallelism and
-// determinism: the rows are split into fixed blocks (depending on m only), each with its own column sums
+// round against the Morton-sorted xyz1 columns, with culling (see "approx_match" below). Per-example lengths
+// (ragged batches) restrict item i to its first n_i / m_i points (ApproxMatchRun). Parallelism and
+// determinism: the rows are split into fixed blocks (depending on m_i only), each with its own column sums
 // that a combine step adds up in block order. With >= 1 batch item per thread every task runs one item's
 // phases; otherwise each phase's tasks of all items run on XLA's intra-op pool and the calling thread with a
 // barrier between phases. Either way every value is computed by one thread in the same fixed order, so
 // results do not depend on the thread count or the batch size. Memory: O(B * (n + m)) besides the
 // [B, m, n] output (the per-block column sums are at most 2 * 32 * np floats per item, np = n padded to a
-// multiple of kSub, see SweepData).
+// multiple of kSub, see SweepData; emd adds 3 * 32 * np for its gradient column sums and no output).
 #include <cmath>
 #include <cstring>
 #include <functional>
