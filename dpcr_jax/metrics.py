@@ -4,7 +4,8 @@ Protocol (the original's test.py): every cloud, prediction and ground truth alik
 cube on its own (bbox centre to the origin, longest bbox side = 1); then, at the dense point count,
   - CD  = (mean_gt d(gt->pred) + mean_pred d(pred->gt)) x 1000, with SQUARED nearest-neighbour distances;
   - EMD = match_cost(gt, pred, approx_match(gt, pred)) / 1000, the SUM of matched Euclidean distances (not
-    divided by the point count, so it scales with it).
+    divided by the point count, so it scales with it). Computed by xla_ops.earth_mover_distance, which never
+    forms the N x N match (O(B N) memory), so the paper's 16384 points need no subsampling (docs/ops.md, "EMD").
 Extras (not in the paper): 'cd_l1' = the same with Euclidean (non-squared) distances x 100; 'fscore' = F-score
 at threshold 0.01 (1% of the unit cube side) in percent; exact EMD on small random subsets of the clouds
 (scipy's linear_sum_assignment) next to the approximate EMD of the same subsets, to show the approximation's

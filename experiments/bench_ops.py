@@ -206,6 +206,23 @@ def _emd(impl):
   return setup
 
 
+def _emd_value_grad(fused: bool):
+  """Value and gradient of the approximate EMD: fused (earth_mover_distance, xla_ops_emd: the match is never
+  formed) or today's dense form (match_cost(approx_match): a B x M x N float32 match)."""
+  def setup(s):
+    import jax
+    import jax.numpy as jnp
+    x1, x2 = _clouds(s, ("B", "N", 3), ("B", "M", 3))
+    if fused:
+      emd = _xla_op("earth_mover_distance")
+      loss = lambda p, q: jnp.sum(emd(p, q))
+    else:
+      match_cost, approx_match = _xla_op("match_cost"), _xla_op("approx_match")
+      loss = lambda p, q: jnp.sum(match_cost(p, q, approx_match(p, q)))
+    return _jax_runner(jax.value_and_grad(loss, argnums=(0, 1)), x1, x2)
+  return setup
+
+
 def _emd_pot(s):
   import numpy as np
   import ot
@@ -292,6 +309,14 @@ CASES = (
          lambda s: s["B"] * s["N"] * s["M"] * (8 + 10 * 20 + 12), "as approx_match+match_cost",
          (Impl("ffi", _emd("ffi"), "xla_ops.approx_match"), Impl("jnp", _emd("jnp"), "xla_ops.approx_match")),
          gpu=dict(B=4, N=16384, M=16384)),
+    Case("earth_mover_distance value+grad", dict(B=8, N=1024, M=1024), dict(B=2, N=128, M=128), _bnm,
+         lambda s: s["B"] * s["N"] * s["M"] * (8 + 10 * 20 + 24), "as approx_match+match_cost, gradient 12 more",
+         (Impl("ffi", _emd_value_grad(True), "xla_ops.earth_mover_distance"),
+          Impl("ffi dense match", _emd_value_grad(False), "xla_ops.approx_match"))),
+    Case("earth_mover_distance value+grad 16k", dict(B=4, N=16384, M=16384), dict(B=1, N=256, M=256), _bnm,
+         lambda s: s["B"] * s["N"] * s["M"] * (8 + 10 * 20 + 24), "as earth_mover_distance value+grad",
+         (Impl("ffi", _emd_value_grad(True), "xla_ops.earth_mover_distance"),
+          Impl("ffi dense match", _emd_value_grad(False), "xla_ops.approx_match")), gpu=dict(B=4, N=16384, M=16384)),
 )
 EXTRA = {("approx_match+match_cost", "POT ot.emd2 (exact EMD)"): _emd_error}
 TARGETS = {  # case -> (other implementation, minimum speed-up of ffi over it)

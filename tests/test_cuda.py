@@ -25,7 +25,7 @@ from xla_ops.reference import interpolation as interp_ref
 TARGETS = {
     "xla_ops_farthest_point_sample", "xla_ops_ball_query", "xla_ops_group_points", "xla_ops_group_points_grad",
     "xla_ops_knn", "xla_ops_three_nn", "xla_ops_three_interpolate", "xla_ops_three_interpolate_grad",
-    "xla_ops_nn_distance", "xla_ops_approx_match", "xla_ops_match_cost", "xla_ops_match_cost_grad",
+    "xla_ops_nn_distance", "xla_ops_approx_match", "xla_ops_match_cost", "xla_ops_match_cost_grad", "xla_ops_emd",
 }
 
 
@@ -385,6 +385,27 @@ def test_approx_match_non_finite_in_xyz1_only(bad):
   assert np.isnan(match_gpu[1]).all() and np.isnan(match_cpu[1]).all()
   np.testing.assert_allclose(match_gpu[0], match_cpu[0], atol=5e-3)
   assert np.isnan(_run(emd.earth_mover_distance, GPU, xyz1, xyz2)[1])
+
+
+@needs_gpu
+def test_earth_mover_distance_without_the_match_and_lengths():
+  """xla_ops_emd (value and gradient rebuilt from the rounds' factors) on the GPU: equals the CPU handler and
+  the dense form on the GPU up to float32 rounding, with a ragged batch (a length-0 example, NaN padding)."""
+  rng = np.random.default_rng(11)
+  xyz1, xyz2 = _points(rng, 3, 700, 3), _points(rng, 3, 500, 3)
+  la, lb = np.array([700, 300, 0], np.int32), np.array([500, 500, 40], np.int32)
+  xyz1[1, 300:] = np.nan
+  fn = lambda p, q, x, y: jax.value_and_grad(
+      lambda p, q: jnp.sum(emd.earth_mover_distance(p, q, lengths_a=x, lengths_b=y)), argnums=(0, 1))(p, q)
+  (v_gpu, g_gpu), (v_cpu, g_cpu) = _both(fn, xyz1, xyz2, la, lb)
+  np.testing.assert_allclose(v_gpu, v_cpu, rtol=1e-4)
+  for a, b in zip(g_gpu, g_cpu):
+    np.testing.assert_allclose(a, b, atol=5e-3)
+  assert np.all(g_gpu[0][1, 300:] == 0) and np.all(g_gpu[0][2] == 0)
+  dense = lambda p, q: jnp.sum(emd.match_cost(p, q, emd.approx_match(p, q)))
+  v_dense = _run(dense, GPU, xyz1[:1], xyz2[:1])
+  v_fused = _run(lambda p, q: jnp.sum(emd.earth_mover_distance(p, q)), GPU, xyz1[:1], xyz2[:1])
+  np.testing.assert_allclose(v_fused, v_dense, rtol=1e-5)
 
 
 _COMMAND_BUFFER_SCRIPT = r"""

@@ -267,12 +267,40 @@ inline ffi::Error CheckEmdPair(const char* op, const ffi::AnyBuffer& xyz1, const
   return checks::SameBatch(op, "xyz1", xyz1, 2, "xyz2", xyz2, 2);
 }
 
-// approx_match: xyz1, xyz2 as CheckEmdPair; match f32 [..., m, n]. (The CUDA workspace's layout is the CUDA
-// handler's own business and is checked there.)
+namespace checks {
+// lengths1 / lengths2 s32 [...]: one point count per example of xyz1's batch (values are clamped to [0, n]
+// by the handlers, as the Python wrappers document).
+inline ffi::Error Lengths(const char* op, const char* what, const ffi::AnyBuffer& lengths, int64_t batch) {
+  if (lengths.element_type() != ffi::S32 || static_cast<int64_t>(lengths.element_count()) != batch)
+    return InvalidArgument(op, std::string(what) + " must be int32 [...] with the batch of xyz1 (" +
+                                   std::to_string(batch) + " elements), got " + DtypeName(lengths.element_type()) +
+                                   " " + DimsString(lengths.dimensions()));
+  return ffi::Error::Success();
+}
+}  // namespace checks
+
+// approx_match: xyz1, xyz2 as CheckEmdPair; lengths1, lengths2 as Lengths; match f32 [..., m, n]. (The CUDA
+// workspace's layout is the CUDA handler's own business and is checked there.)
 inline ffi::Error CheckApproxMatch(const char* op, const ffi::AnyBuffer& xyz1, const ffi::AnyBuffer& xyz2,
+                                   const ffi::AnyBuffer& lengths1, const ffi::AnyBuffer& lengths2,
                                    const ffi::AnyBuffer& match, PointShape* s1, PointShape* s2) {
   XLA_OPS_RETURN_IF_ERROR(CheckEmdPair(op, xyz1, xyz2, s1, s2));
+  XLA_OPS_RETURN_IF_ERROR(checks::Lengths(op, "lengths1", lengths1, s1->b));
+  XLA_OPS_RETURN_IF_ERROR(checks::Lengths(op, "lengths2", lengths2, s1->b));
   return checks::Result(op, "match", match, ffi::F32, s1->b * s2->n * s1->n, "[..., m, n]");
+}
+
+// emd (approx_match + match_cost and its gradient without the match): xyz1, xyz2, lengths1, lengths2 as
+// CheckApproxMatch; cost f32 [...], grad1 f32 [..., n, 3], grad2 f32 [..., m, 3]. (CUDA workspace: as above.)
+inline ffi::Error CheckEmd(const char* op, const ffi::AnyBuffer& xyz1, const ffi::AnyBuffer& xyz2,
+                           const ffi::AnyBuffer& lengths1, const ffi::AnyBuffer& lengths2, const ffi::AnyBuffer& cost,
+                           const ffi::AnyBuffer& grad1, const ffi::AnyBuffer& grad2, PointShape* s1, PointShape* s2) {
+  XLA_OPS_RETURN_IF_ERROR(CheckEmdPair(op, xyz1, xyz2, s1, s2));
+  XLA_OPS_RETURN_IF_ERROR(checks::Lengths(op, "lengths1", lengths1, s1->b));
+  XLA_OPS_RETURN_IF_ERROR(checks::Lengths(op, "lengths2", lengths2, s1->b));
+  XLA_OPS_RETURN_IF_ERROR(checks::Result(op, "cost", cost, ffi::F32, s1->b, "[...]"));
+  XLA_OPS_RETURN_IF_ERROR(checks::Result(op, "grad1", grad1, ffi::F32, s1->b * s1->n * 3, "[..., n, 3]"));
+  return checks::Result(op, "grad2", grad2, ffi::F32, s2->b * s2->n * 3, "[..., m, 3]");
 }
 
 // match_cost and its gradient: xyz1, xyz2 as CheckEmdPair and match f32 [..., m, n] with their batch.

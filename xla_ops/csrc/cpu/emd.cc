@@ -1,15 +1,17 @@
 // Approximate EMD on CPU: approx_match (the multi-scale soft auction of the original GPU kernel,
-// metric/tf_approxmatch_g.cu), match_cost and match_cost_grad. float32 throughout, like the GPU kernel.
+// metric/tf_approxmatch_g.cu), match_cost, match_cost_grad, and emd (approx_match + match_cost with its
+// gradient, without the match: EmdImpl). float32 throughout, like the GPU kernel.
 //
 // approx_match evaluates the original's 10 rounds x 3 passes as one sweep over the rows (xyz2 points) per
-// round against the Morton-sorted xyz1 columns, with culling (see "approx_match" below). Parallelism and
-// determinism: the rows are split into fixed blocks (depending on m only), each with its own column sums
+// round against the Morton-sorted xyz1 columns, with culling (see "approx_match" below). Per-example lengths
+// (ragged batches) restrict item i to its first n_i / m_i points (ApproxMatchRun). Parallelism and
+// determinism: the rows are split into fixed blocks (depending on m_i only), each with its own column sums
 // that a combine step adds up in block order. With >= 1 batch item per thread every task runs one item's
 // phases; otherwise each phase's tasks of all items run on XLA's intra-op pool and the calling thread with a
 // barrier between phases. Either way every value is computed by one thread in the same fixed order, so
 // results do not depend on the thread count or the batch size. Memory: O(B * (n + m)) besides the
 // [B, m, n] output (the per-block column sums are at most 2 * 32 * np floats per item, np = n padded to a
-// multiple of kSub, see SweepData).
+// multiple of kSub, see SweepData; emd adds 3 * 32 * np for its gradient column sums and no output).
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -43,6 +45,7 @@ namespace {
 constexpr const char* kMatchOp = "xla_ops_approx_match";
 constexpr const char* kCostOp = "xla_ops_match_cost";
 constexpr const char* kCostGradOp = "xla_ops_match_cost_grad";
+constexpr const char* kEmdOp = "xla_ops_emd";
 constexpr int64_t kBlock = 256;  // points per match_cost work item (fixed: independent of the thread count)
 constexpr int kRounds = 10;      // j = 7, 6, ..., -2
 
@@ -217,7 +220,8 @@ struct SweepData {
   int64_t n, np, subs8;
   const float *x2, *y2, *z2;
   float* remain_r;
-  float* match;       // the item's [m, n] output (columns in sorted order until FinishRows)
+  float* match;       // the item's [m, n] output (columns in sorted order until FinishRows), or nullptr
+  float* ratio_r;     // the round's ratio_r [m] (kFused, kLast; rows without mass keep 0), or nullptr
   float level;        // passes 2 and 3 (kFirstRatio: pass 1)
   float level_next;   // pass 1 of the next round (kFused)
   bool first_write;   // the rows hold garbage: write them whole
@@ -292,10 +296,10 @@ void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_en
   const float max_d2 = kCutoff / -d.level;
   const float max_d2_next = kind == SweepKind::kFused ? kCutoff / -d.level_next : 0.0f;
   for (int64_t l = l_begin; l < l_end; ++l) {
-    float* row = d.match + l * n;
+    float* row = d.match != nullptr ? d.match + l * n : nullptr;
     const float rem = d.remain_r[l];
     if (rem == 0.0f) {
-      if (d.first_write) std::fill(row, row + n, 0.0f);
+      if (row != nullptr && d.first_write) std::fill(row, row + n, 0.0f);
       continue;
     }
     const float x = d.x2[l], y = d.y2[l], z = d.z2[l];
@@ -317,9 +321,10 @@ void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_en
       AddPassOne(x1, y1, z1, x, y, z, ranges.data(), num, d.level, rem, sum_a);
       continue;
     }
-    for (int64_t i = 0; i < num; ++i)  // the row is read and written after pass 2's exponentials
-      for (int64_t k = ranges[2 * i]; k < std::min<int64_t>(ranges[2 * i + 1], n); k += 64 / sizeof(float))
-        __builtin_prefetch(row + k, 1);
+    if (row != nullptr)
+      for (int64_t i = 0; i < num; ++i)  // the row is read and written after pass 2's exponentials
+        for (int64_t k = ranges[2 * i]; k < std::min<int64_t>(ranges[2 * i + 1], n); k += 64 / sizeof(float))
+          __builtin_prefetch(row + k, 1);
     // Pass 2 (padded columns have ratio_l = 0), e kept for pass 3.
     const f32x8 lv = Broadcast(d.level);
     f32x8 acc{};
@@ -336,14 +341,16 @@ void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_en
     const float rr = Min(rem / (s + 1e-9f), 1.0f) * rem;
     const float rem_next = Max(0.0f, rem - s);
     d.remain_r[l] = rem_next;
+    if (d.ratio_r != nullptr) d.ratio_r[l] = rr;
     // Pass 3.
     int64_t written = 0;
     for (int64_t i = 0; i < num; ++i) {
       const int64_t begin = ranges[2 * i], end = ranges[2 * i + 1];
-      if (d.first_write) std::fill(row + written, row + begin, 0.0f);
+      if (row != nullptr && d.first_write) std::fill(row + written, row + begin, 0.0f);
       for (int64_t k = begin; k < end; k += kLanes) {
         const f32x8 w = Load<f32x8>(&e_row[k]) * Load<f32x8>(rl + k) * rr;
         Store(sum_c + k, Load<f32x8>(sum_c + k) + w);
+        if (row == nullptr) continue;
         if (k + kLanes <= n) {
           Store(row + k, d.first_write ? w : Load<f32x8>(row + k) + w);
         } else {
@@ -352,7 +359,7 @@ void SweepRows(const SweepData& d, SweepKind kind, int64_t l_begin, int64_t l_en
       }
       written = std::min(end, n);
     }
-    if (d.first_write) std::fill(row + written, row + n, 0.0f);
+    if (row != nullptr && d.first_write) std::fill(row + written, row + n, 0.0f);
     // Pass 1 of the next round (rows emptied this round add exactly 0).
     if (kind == SweepKind::kFused && rem_next > 0.0f) {
       const int64_t num_next = BitRuns(reach_next.data(), num_words, ranges_next.data());
@@ -405,7 +412,7 @@ void CombineColumns(SweepKind kind, int64_t k_begin, int64_t k_end, int64_t bloc
 // Round 9's pass 3 for rows [l_begin, l_end) while their columns go from sorted to original order (column j
 // is sorted column pos1[j]): match[l, j] = match[l, k] + ratio_l[k] * ratio_r[l] with k = pos1[j].
 void FinishRows(const float* ratio_l, const float* ratio_r, const int32_t* pos1, int64_t l_begin, int64_t l_end,
-                int64_t n, float* match) {
+                int64_t n, int64_t n_valid, float* match) {
   FlushDenormals ftz;
   // The copy of a row starts 2 KiB away from the row modulo 4 KiB: loads from it would otherwise be held
   // up behind stores to the row with the same low 12 address bits (4K aliasing) when n is a multiple of 1024.
@@ -419,13 +426,14 @@ void FinishRows(const float* ratio_l, const float* ratio_r, const int32_t* pos1,
     std::copy(row, row + n, sorted);
     const float rr = ratio_r[l];
     if (rr == 0.0f) {  // most rows: emptied before round 9
-      for (int64_t j = 0; j < n; ++j) row[j] = sorted[pos1[j]];
+      for (int64_t j = 0; j < n_valid; ++j) row[j] = sorted[pos1[j]];
     } else {
-      for (int64_t j = 0; j < n; ++j) {
+      for (int64_t j = 0; j < n_valid; ++j) {
         const int64_t k = pos1[j];
         row[j] = sorted[k] + ratio_l[k] * rr;
       }
     }
+    std::fill(row + n_valid, row + n, 0.0f);  // padded columns (lengths)
   }
 }
 
@@ -447,136 +455,363 @@ bool AllFinite(const float* v, int64_t count) {
   return true;
 }
 
-// `workspace` is used by the CUDA handler only (cuda/emd.cu); both platforms share the call signature.
-ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2,
-                           ffi::Result<ffi::AnyBuffer> match, ffi::Result<ffi::AnyBuffer> /*workspace*/) {
-  PointShape s1, s2;
-  XLA_OPS_RETURN_IF_ERROR(CheckApproxMatch(kMatchOp, xyz1, xyz2, *match, &s1, &s2));
-  const int64_t nb = s1.b, n = s1.n, m = s2.n;
-  const float* p1 = xyz1.typed_data<float>();
-  const float* p2 = xyz2.typed_data<float>();
-  float* out = match->typed_data<float>();
-  AdviseHugePages(out, static_cast<size_t>(nb * m * n) * sizeof(float));
+// Per-item point counts: lengths[i] clamped to [0, count], or `count` for every item without lengths.
+std::vector<int64_t> ItemLengths(const ffi::AnyBuffer& lengths, int64_t nb, int64_t count) {
+  std::vector<int64_t> out(nb);
+  const int32_t* v = lengths.typed_data<int32_t>();
+  for (int64_t i = 0; i < nb; ++i) out[i] = std::min<int64_t>(count, std::max<int64_t>(0, v[i]));
+  return out;
+}
 
-  // Fixed decomposition (depends on n and m only): rows in row_blocks blocks, columns padded to np.
-  const int64_t np = (n + kSub - 1) / kSub * kSub, subs = np / kSub, subs8 = (subs + kLanes - 1) / kLanes * kLanes;
-  const int64_t rows_per_block = std::max(kMinRowBlock, (m + kMaxRowBlocks - 1) / kMaxRowBlocks);
-  const int64_t row_blocks = (m + rows_per_block - 1) / rows_per_block;
-  const int64_t col_chunks = (np + kColChunk - 1) / kColChunk;
-  const float mass_l = n >= m ? 1.0f : static_cast<float>(m / n);
-  const float mass_r = n >= m ? static_cast<float>(n / m) : 1.0f;
+// The approx_match rounds of a batch, as a list of phases (see ApproxMatchImpl for the two schedules).
+// Item i uses its first n_i = len1[i] xyz1 points and m_i = len2[i] xyz2 points (ragged batches); the others
+// have no mass and contribute exactly 0. Every per-item decomposition (row blocks, column padding, Morton
+// order) depends on n_i and m_i only, so a padded item gives the same floats as the unpadded cloud.
+//
+// Besides the state of the rounds, it keeps every round's factors: match[l, k] = sum_r e_r(l, k) *
+// ratio_l_r[k] * ratio_r_r[l] with e_r = exp(level_r d^2) (culled to 0 beyond the round's boxes), so the
+// match can be rebuilt row by row (EmdRows) without ever being stored: O(kRounds * (n + m)) per item.
+struct ApproxMatchRun {
+  int64_t nb, n, m, np, subs, subs8, max_row_blocks, col_chunks;
+  std::vector<int64_t> len1, len2, rows_per_block, row_blocks;
+  std::vector<float> x1, y1, z1, remain_l;  // [nb, np], sorted columns
+  std::vector<float> x2, y2, z2, remain_r;  // [nb, m]
+  std::vector<float> ratio_l;               // [kRounds, nb, np]: round r's ratio_l (sorted columns)
+  std::vector<float> ratio_r;               // [kRounds, nb, m]: round r's ratio_r (0: no mass that round)
+  std::vector<float> box;                   // [kRounds, nb, 6, subs8]: boxes of round r's sweep
+  std::vector<int32_t> pos1, order1;        // [nb, n]: original -> sorted column, sorted -> original
+  std::vector<float> sum_a, sum_c;          // [nb, max_row_blocks, np]
+  std::vector<float> level0_sum;
+  std::vector<char> active;                 // finite, n_i > 0 and m_i > 0
+  std::vector<char> finite;
+  float* match = nullptr;                   // [nb, m, n] output, or nullptr (factored: EmdImpl)
 
-  std::vector<float> x1(nb * np), y1(nb * np), z1(nb * np), remain_l(nb * np), ratio_l(nb * np);
-  std::vector<float> x2(nb * m), y2(nb * m), z2(nb * m), remain_r(nb * m), ratio_r(nb * m);
-  std::vector<int32_t> pos1(nb * n);
-  std::vector<float> box(nb * 6 * subs8), sum_a(nb * row_blocks * np), sum_c(nb * row_blocks * np);
-  std::vector<float> level0_sum(nb);
-  std::vector<char> finite(nb);
+  float* RatioL(int r, int64_t i) { return &ratio_l[(r * nb + i) * np]; }
+  float* RatioR(int r, int64_t i) { return &ratio_r[(r * nb + i) * m]; }
+  float* Box(int r, int64_t i) { return &box[(r * nb + i) * 6 * subs8]; }
 
-  // Sorts item i's xyz1 along a Morton curve (xyz2 keeps its order) into the state above, or fills its match
-  // with NaN.
-  auto prepare = [&](int64_t i, int64_t) {
+  ApproxMatchRun(int64_t nb_, int64_t n_, int64_t m_, std::vector<int64_t> l1, std::vector<int64_t> l2)
+      : nb(nb_), n(n_), m(m_), len1(std::move(l1)), len2(std::move(l2)) {
+    np = (n + kSub - 1) / kSub * kSub;
+    subs = np / kSub;
+    subs8 = (subs + kLanes - 1) / kLanes * kLanes;
+    max_row_blocks = (m + RowsPerBlock(m) - 1) / RowsPerBlock(m);
+    col_chunks = (np + kColChunk - 1) / kColChunk;
+    rows_per_block.resize(nb);
+    row_blocks.resize(nb);
+    for (int64_t i = 0; i < nb; ++i) {
+      rows_per_block[i] = RowsPerBlock(len2[i]);
+      row_blocks[i] = (len2[i] + rows_per_block[i] - 1) / rows_per_block[i];
+    }
+    x1.resize(nb * np), y1.resize(nb * np), z1.resize(nb * np), remain_l.resize(nb * np);
+    x2.resize(nb * m), y2.resize(nb * m), z2.resize(nb * m), remain_r.resize(nb * m);
+    ratio_l.assign(kRounds * nb * np, 0.0f);
+    ratio_r.assign(kRounds * nb * m, 0.0f);
+    box.resize(kRounds * nb * 6 * subs8);
+    pos1.resize(nb * n), order1.resize(nb * n);
+    sum_a.resize(nb * max_row_blocks * np), sum_c.resize(nb * max_row_blocks * np);
+    level0_sum.resize(nb);
+    active.resize(nb), finite.resize(nb);
+  }
+  static int64_t RowsPerBlock(int64_t rows) {
+    return std::max(kMinRowBlock, (rows + kMaxRowBlocks - 1) / kMaxRowBlocks);
+  }
+
+  // Sorts item i's real xyz1 points along a Morton curve (xyz2 keeps its order) into the state above.
+  void Prepare(int64_t i, const float* p1, const float* p2) {
+    const int64_t ni = len1[i], mi = len2[i];
     const float* a = p1 + i * n * 3;
     const float* b = p2 + i * m * 3;
-    finite[i] = AllFinite(a, n * 3) && AllFinite(b, m * 3);
-    if (!finite[i]) {
-      std::fill(out + i * m * n, out + (i + 1) * m * n, std::numeric_limits<float>::quiet_NaN());
-      return;
+    finite[i] = AllFinite(a, ni * 3) && AllFinite(b, mi * 3);
+    active[i] = finite[i] && ni > 0 && mi > 0;
+    if (match != nullptr) {
+      float* out = match + i * m * n;
+      if (!finite[i]) std::fill(out, out + m * n, std::numeric_limits<float>::quiet_NaN());
+      else if (!active[i]) std::fill(out, out + m * n, 0.0f);
+      else std::fill(out + mi * n, out + m * n, 0.0f);  // padded rows (the sweeps touch rows < m_i only)
     }
-    const std::vector<int32_t> o1 = MortonOrder(a, n);
+    if (!active[i]) return;
+    const float mass_l = ni >= mi ? 1.0f : static_cast<float>(mi / ni);
+    const float mass_r = ni >= mi ? static_cast<float>(ni / mi) : 1.0f;
+    const std::vector<int32_t> o1 = MortonOrder(a, ni);
     for (int64_t k = 0; k < np; ++k) {
       const int64_t at = i * np + k;
-      x1[at] = k < n ? a[3 * o1[k]] : 0.0f;
-      y1[at] = k < n ? a[3 * o1[k] + 1] : 0.0f;
-      z1[at] = k < n ? a[3 * o1[k] + 2] : 0.0f;
-      remain_l[at] = k < n ? mass_l : 0.0f;
-      if (k < n) pos1[i * n + o1[k]] = static_cast<int32_t>(k);
+      x1[at] = k < ni ? a[3 * o1[k]] : 0.0f;
+      y1[at] = k < ni ? a[3 * o1[k] + 1] : 0.0f;
+      z1[at] = k < ni ? a[3 * o1[k] + 2] : 0.0f;
+      remain_l[at] = k < ni ? mass_l : 0.0f;
+      if (k < ni) pos1[i * n + o1[k]] = static_cast<int32_t>(k), order1[i * n + k] = o1[k];
     }
     for (int64_t l = 0; l < m; ++l) {
-      x2[i * m + l] = b[3 * l], y2[i * m + l] = b[3 * l + 1], z2[i * m + l] = b[3 * l + 2];
-      remain_r[i * m + l] = mass_r;
+      const bool real = l < mi;
+      x2[i * m + l] = real ? b[3 * l] : 0.0f, y2[i * m + l] = real ? b[3 * l + 1] : 0.0f;
+      z2[i * m + l] = real ? b[3 * l + 2] : 0.0f;
+      remain_r[i * m + l] = real ? mass_r : 0.0f;
     }
-    float* item_box = &box[i * 6 * subs8];  // padding sub-blocks keep an empty box
-    std::fill(item_box, item_box + 3 * subs8, std::numeric_limits<float>::infinity());
-    std::fill(item_box + 3 * subs8, item_box + 6 * subs8, -std::numeric_limits<float>::infinity());
-    ColumnBoxes(&x1[i * np], &y1[i * np], &z1[i * np], &remain_l[i * np], 0, subs, subs8, item_box);
-  };
-  auto sweep = [&](SweepKind kind, int round) {
-    const float level = Level(round), level_next = Level(round + 1);  // kFirstRatio: round 0
-    const bool first_write = kind == SweepKind::kFused && round == 0;
-    return [&, kind, level, level_next, first_write](int64_t i, int64_t block) {
-      if (!finite[i]) return;
-      const SweepData d{&x1[i * np], &y1[i * np], &z1[i * np], &ratio_l[i * np], &box[i * 6 * subs8], n, np,
-                        subs8, &x2[i * m], &y2[i * m], &z2[i * m], &remain_r[i * m], out + i * m * n, level,
-                        level_next, first_write};
-      const int64_t begin = block * rows_per_block, end = std::min(m, begin + rows_per_block);
-      const int64_t sums = (i * row_blocks + block) * np;
-      SweepRows(d, kind, begin, end, &sum_a[sums], &sum_c[sums]);
-    };
-  };
-  auto combine = [&](SweepKind kind) {
-    return [&, kind](int64_t i, int64_t chunk) {
-      if (!finite[i]) return;
-      const int64_t begin = chunk * kColChunk, end = std::min(np, begin + kColChunk);
-      CombineColumns(kind, begin, end, row_blocks, np, &sum_a[i * row_blocks * np], &sum_c[i * row_blocks * np],
-                     level0_sum[i], &remain_l[i * np], &ratio_l[i * np]);
-      ColumnBoxes(&x1[i * np], &y1[i * np], &z1[i * np], &remain_l[i * np], begin / kSub, end / kSub, subs8,
-                  &box[i * 6 * subs8]);
-    };
-  };
-  auto sum_remain_r = [&](int64_t i, int64_t) {  // round 9's pass-1 sum (in row order, from 1e-9)
-    if (!finite[i]) return;
-    FlushDenormals ftz;
-    float s = 1e-9f;
-    for (int64_t l = 0; l < m; ++l) s += remain_r[i * m + l];
-    level0_sum[i] = s;
-  };
-  auto last_ratio_r = [&](int64_t i, int64_t) {  // round 9's pass 2: the same column sum for every row
-    if (!finite[i]) return;
-    FlushDenormals ftz;
-    float t = 0.0f;
-    for (int64_t k = 0; k < n; ++k) t += ratio_l[i * np + k];
-    for (int64_t l = 0; l < m; ++l) {
-      const float remain = remain_r[i * m + l];
-      ratio_r[i * m + l] = remain == 0.0f ? 0.0f : Min(remain / (t * remain + 1e-9f), 1.0f) * remain;
+    for (int r = 0; r < kRounds; ++r) {  // padding sub-blocks keep an empty box
+      float* item_box = Box(r, i);
+      std::fill(item_box, item_box + 3 * subs8, std::numeric_limits<float>::infinity());
+      std::fill(item_box + 3 * subs8, item_box + 6 * subs8, -std::numeric_limits<float>::infinity());
     }
-  };
-  auto finish = [&](int64_t i, int64_t block) {
-    if (!finite[i]) return;
-    const int64_t begin = block * rows_per_block, end = std::min(m, begin + rows_per_block);
-    FinishRows(&ratio_l[i * np], &ratio_r[i * m], &pos1[i * n], begin, end, n, out + i * m * n);
-  };
+    ColumnBoxes(&x1[i * np], &y1[i * np], &z1[i * np], &remain_l[i * np], 0, subs, subs8, Box(0, i));
+  }
 
-  // The phases in order, each a number of tasks per item. Two schedules with identical arithmetic: with at
-  // least one batch item per thread one task per item runs all phases (no barriers: a pass over 1k points
-  // is shorter than the time a pool thread takes to wake up on a busy machine); otherwise every phase runs
-  // its tasks of all items in parallel, with a barrier between phases (B = 1 at 16k points).
   struct Phase {
     int64_t tasks;
     std::function<void(int64_t, int64_t)> fn;
   };
-  std::vector<Phase> phases = {{1, prepare},
-                               {row_blocks, sweep(SweepKind::kFirstRatio, 0)},
-                               {col_chunks, combine(SweepKind::kFirstRatio)}};
-  for (int round = 0; round < kRounds - 1; ++round) {
-    const SweepKind kind = round < kRounds - 2 ? SweepKind::kFused : SweepKind::kLast;
-    phases.push_back({row_blocks, sweep(kind, round)});
-    if (kind == SweepKind::kLast) phases.push_back({1, sum_remain_r});
-    phases.push_back({col_chunks, combine(kind)});
-  }
-  phases.push_back({1, last_ratio_r});
-  phases.push_back({row_blocks, finish});
 
+  // The phases of the rounds; `finish_match` adds round 9's pass 3 into the match output (match != nullptr).
+  std::vector<Phase> Phases(const float* p1, const float* p2, bool finish_match) {
+    auto sweep = [this](SweepKind kind, int round) {
+      const float level = Level(round), level_next = Level(round + 1);  // kFirstRatio: round 0
+      const bool first_write = kind == SweepKind::kFused && round == 0;
+      return [this, kind, round, level, level_next, first_write](int64_t i, int64_t block) {
+        if (!active[i] || block >= row_blocks[i]) return;
+        const SweepData d{&x1[i * np], &y1[i * np], &z1[i * np], RatioL(round, i), Box(round, i), n, np, subs8,
+                          &x2[i * m], &y2[i * m], &z2[i * m], &remain_r[i * m],
+                          match != nullptr ? match + i * m * n : nullptr,
+                          kind == SweepKind::kFirstRatio ? nullptr : RatioR(round, i), level, level_next,
+                          first_write};
+        const int64_t begin = block * rows_per_block[i], end = std::min(len2[i], begin + rows_per_block[i]);
+        const int64_t sums = (i * max_row_blocks + block) * np;
+        SweepRows(d, kind, begin, end, &sum_a[sums], &sum_c[sums]);
+      };
+    };
+    auto combine = [this](SweepKind kind, int next_round) {
+      return [this, kind, next_round](int64_t i, int64_t chunk) {
+        if (!active[i]) return;
+        const int64_t begin = chunk * kColChunk, end = std::min(np, begin + kColChunk);
+        const int64_t sums = i * max_row_blocks * np;
+        CombineColumns(kind, begin, end, row_blocks[i], np, &sum_a[sums], &sum_c[sums], level0_sum[i],
+                       &remain_l[i * np], RatioL(next_round, i));
+        ColumnBoxes(&x1[i * np], &y1[i * np], &z1[i * np], &remain_l[i * np], begin / kSub, end / kSub, subs8,
+                    Box(next_round, i));
+      };
+    };
+    auto prepare = [this, p1, p2](int64_t i, int64_t) { Prepare(i, p1, p2); };
+    auto sum_remain_r = [this](int64_t i, int64_t) {  // round 9's pass-1 sum (in row order, from 1e-9)
+      if (!active[i]) return;
+      FlushDenormals ftz;
+      float s = 1e-9f;
+      for (int64_t l = 0; l < len2[i]; ++l) s += remain_r[i * m + l];
+      level0_sum[i] = s;
+    };
+    auto last_ratio_r = [this](int64_t i, int64_t) {  // round 9's pass 2: the same column sum for every row
+      if (!active[i]) return;
+      FlushDenormals ftz;
+      const float* rl = RatioL(kRounds - 1, i);
+      float* rr = RatioR(kRounds - 1, i);
+      float t = 0.0f;
+      for (int64_t k = 0; k < len1[i]; ++k) t += rl[k];
+      for (int64_t l = 0; l < len2[i]; ++l) {
+        const float remain = remain_r[i * m + l];
+        rr[l] = remain == 0.0f ? 0.0f : Min(remain / (t * remain + 1e-9f), 1.0f) * remain;
+      }
+    };
+    auto finish = [this](int64_t i, int64_t block) {
+      if (!active[i] || block >= row_blocks[i]) return;
+      const int64_t begin = block * rows_per_block[i], end = std::min(len2[i], begin + rows_per_block[i]);
+      FinishRows(RatioL(kRounds - 1, i), RatioR(kRounds - 1, i), &pos1[i * n], begin, end, n, len1[i],
+                 match + i * m * n);
+    };
+    std::vector<Phase> phases = {{1, prepare},
+                                 {max_row_blocks, sweep(SweepKind::kFirstRatio, 0)},
+                                 {col_chunks, combine(SweepKind::kFirstRatio, 0)}};
+    for (int round = 0; round < kRounds - 1; ++round) {
+      const SweepKind kind = round < kRounds - 2 ? SweepKind::kFused : SweepKind::kLast;
+      phases.push_back({max_row_blocks, sweep(kind, round)});
+      if (kind == SweepKind::kLast) phases.push_back({1, sum_remain_r});
+      phases.push_back({col_chunks, combine(kind, round + 1)});
+    }
+    phases.push_back({1, last_ratio_r});
+    if (finish_match) phases.push_back({max_row_blocks, finish});
+    return phases;
+  }
+};
+
+// Runs the phases. Two schedules with identical arithmetic: with at least one batch item per thread one task
+// per item runs all phases (no barriers: a pass over 1k points is shorter than the time a pool thread takes
+// to wake up on a busy machine); otherwise every phase runs its tasks of all items in parallel, with a
+// barrier between phases (B = 1 at 16k points).
+void RunPhases(const ffi::ThreadPool& pool, int64_t nb, const std::vector<ApproxMatchRun::Phase>& phases) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (nb >= threads) {
     RunParallel(pool, nb, [&](int64_t i) {
-      for (const Phase& phase : phases)
+      for (const auto& phase : phases)
         for (int64_t t = 0; t < phase.tasks; ++t) phase.fn(i, t);
     });
   } else {
-    for (const Phase& phase : phases)
+    for (const auto& phase : phases)
       RunParallel(pool, nb * phase.tasks, [&](int64_t t) { phase.fn(t / phase.tasks, t % phase.tasks); });
   }
+}
+
+// `workspace` is used by the CUDA handler only (cuda/emd.cu); both platforms share the call signature.
+ffi::Error ApproxMatchImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer lengths1,
+                           ffi::AnyBuffer lengths2, ffi::Result<ffi::AnyBuffer> match,
+                           ffi::Result<ffi::AnyBuffer> /*workspace*/) {
+  PointShape s1, s2;
+  XLA_OPS_RETURN_IF_ERROR(CheckApproxMatch(kMatchOp, xyz1, xyz2, lengths1, lengths2, *match, &s1, &s2));
+  const int64_t nb = s1.b, n = s1.n, m = s2.n;
+  ApproxMatchRun run(nb, n, m, ItemLengths(lengths1, nb, n), ItemLengths(lengths2, nb, m));
+  run.match = match->typed_data<float>();
+  AdviseHugePages(run.match, static_cast<size_t>(nb * m * n) * sizeof(float));
+  RunPhases(pool, nb, run.Phases(xyz1.typed_data<float>(), xyz2.typed_data<float>(), /*finish_match=*/true));
+  return ffi::Error::Success();
+}
+
+// ---- earth_mover_distance: value and gradient without the match --------------------------------------
+// Per row l of the match (an xyz2 point) EmdRows rebuilds match[l, :] from the rounds' factors into a row
+// buffer, with the same culling and the same float operations in the same order as approx_match's sweeps
+// (so the entries equal approx_match's up to FMA contraction), and adds its cost and gradient terms:
+//   cost_l = sum_k match[l, k] ||p_k - q_l||,  grad2[l] = sum_k match[l, k] (q_l - p_k) / max(||.||, 1e-10),
+//   gcol[k] += match[l, k] (p_k - q_l) / max(||.||, 1e-10)  (this row block's share of grad1[k]).
+// Rows with no mass in any round are skipped; a row touches only the sub-blocks within reach of its rounds.
+struct EmdRowData {
+  ApproxMatchRun* run;
+  int64_t i;
+  float* row_cost;  // [m] of the item
+  float* grad2;     // [m, 3] of the item (original order)
+  bool with_grad;   // false: the cost only (grad2 and gcol stay 0)
+};
+
+XLA_OPS_SIMD_CLONES
+void EmdRows(const EmdRowData& e, int64_t l_begin, int64_t l_end, float* gcol) {
+  FlushDenormals ftz;
+  ApproxMatchRun& run = *e.run;
+  const int64_t i = e.i, np = run.np, subs8 = run.subs8, num_words = (subs8 + 63) / 64;
+  const float *x1 = &run.x1[i * np], *y1 = &run.y1[i * np], *z1 = &run.z1[i * np];
+  std::vector<float> row(np, 0.0f);
+  std::vector<uint64_t> reach(num_words), touched(num_words);
+  std::vector<int32_t> ranges(2 * run.subs + 2);
+  for (int64_t k = 0; k < 3 * np; ++k) gcol[k] = 0.0f;
+  float* gx = gcol;
+  float* gy = gcol + np;
+  float* gz = gcol + 2 * np;
+  for (int64_t l = l_begin; l < l_end; ++l) {
+    float rr[kRounds];
+    bool any = false;
+    for (int r = 0; r < kRounds; ++r) rr[r] = run.RatioR(r, i)[l], any |= rr[r] != 0.0f;
+    e.row_cost[l] = 0.0f;
+    e.grad2[3 * l] = e.grad2[3 * l + 1] = e.grad2[3 * l + 2] = 0.0f;
+    if (!any) continue;
+    const float x = run.x2[i * run.m + l], y = run.y2[i * run.m + l], z = run.z2[i * run.m + l];
+    std::fill(touched.begin(), touched.end(), 0);
+    for (int r = 0; r < kRounds - 1; ++r) {
+      if (rr[r] == 0.0f) continue;
+      const float* box = run.Box(r, i);
+      const float max_d2 = kCutoff / -Level(r);
+      std::fill(reach.begin(), reach.end(), 0);
+      for (int64_t t = 0; t < subs8; t += kLanes) {  // as in SweepRows
+        const f32x8 zero{};
+        const f32x8 dx = MaxV(MaxV(Load<f32x8>(box + t) - x, x - Load<f32x8>(box + 3 * subs8 + t)), zero);
+        const f32x8 dy = MaxV(MaxV(Load<f32x8>(box + subs8 + t) - y, y - Load<f32x8>(box + 4 * subs8 + t)), zero);
+        const f32x8 dz = MaxV(MaxV(Load<f32x8>(box + 2 * subs8 + t) - z, z - Load<f32x8>(box + 5 * subs8 + t)), zero);
+        reach[t / 64] |= LaneBits(dx * dx + dy * dy + dz * dz <= max_d2) << (t % 64);
+      }
+      for (int64_t w = 0; w < num_words; ++w) touched[w] |= reach[w];
+      const int64_t num = BitRuns(reach.data(), num_words, ranges.data());
+      const float* rl = run.RatioL(r, i);
+      const f32x8 lv = Broadcast(Level(r));
+      for (int64_t s = 0; s < num; ++s)
+        for (int64_t k = ranges[2 * s]; k < ranges[2 * s + 1]; k += kLanes) {
+          const f32x8 dx = Load<f32x8>(x1 + k) - x, dy = Load<f32x8>(y1 + k) - y, dz = Load<f32x8>(z1 + k) - z;
+          const f32x8 ev = ExpNonPositive(lv * (dx * dx + dy * dy + dz * dz));
+          Store(&row[k], Load<f32x8>(&row[k]) + ev * Load<f32x8>(rl + k) * rr[r]);
+        }
+    }
+    const float rr_last = rr[kRounds - 1];
+    if (rr_last != 0.0f) {  // round 9: level 0, every entry
+      const float* rl = run.RatioL(kRounds - 1, i);
+      for (int64_t k = 0; k < np; ++k) row[k] = row[k] + rl[k] * rr_last;
+      for (int64_t t = 0; t < run.subs; ++t) touched[t / 64] |= uint64_t{1} << (t % 64);
+    }
+    const int64_t num = BitRuns(touched.data(), num_words, ranges.data());
+    float cost[kLanes] = {}, sx[kLanes] = {}, sy[kLanes] = {}, sz[kLanes] = {};
+    for (int64_t s = 0; s < num; ++s)
+      for (int64_t k0 = ranges[2 * s]; k0 < ranges[2 * s + 1]; k0 += kLanes) {
+        if (!e.with_grad) {
+          for (int j = 0; j < kLanes; ++j) {
+            const int64_t k = k0 + j;
+            const float dx = x1[k] - x, dy = y1[k] - y, dz = z1[k] - z;
+            const float d2 = dx * dx + dy * dy + dz * dz;
+            cost[j] += row[k] * (d2 * RSqrt(d2));
+            row[k] = 0.0f;
+          }
+          continue;
+        }
+        for (int j = 0; j < kLanes; ++j) {
+          const int64_t k = k0 + j;
+          const float mk = row[k];
+          row[k] = 0.0f;
+          const float dx = x1[k] - x, dy = y1[k] - y, dz = z1[k] - z;  // p_k - q_l
+          const float d2 = dx * dx + dy * dy + dz * dz;
+          cost[j] += mk * (d2 * RSqrt(d2));
+          const float g = mk * RSqrt(Max(d2, 1e-20f));
+          sx[j] -= g * dx, sy[j] -= g * dy, sz[j] -= g * dz;
+          gx[k] += g * dx, gy[k] += g * dy, gz[k] += g * dz;
+        }
+      }
+    float c = 0.0f, gxs = 0.0f, gys = 0.0f, gzs = 0.0f;
+    for (int j = 0; j < kLanes; ++j) c += cost[j], gxs += sx[j], gys += sy[j], gzs += sz[j];
+    e.row_cost[l] = c;
+    e.grad2[3 * l] = gxs, e.grad2[3 * l + 1] = gys, e.grad2[3 * l + 2] = gzs;
+  }
+}
+
+// Approximate EMD (approx_match + match_cost) and its gradient w.r.t. both clouds in O(B (n + m)) memory: the
+// rounds run as in approx_match keeping their factors instead of the match, then EmdRows rebuilds each match
+// row to add its terms. with_grad = 0: the cost only (grad1, grad2 are 0: the primal of a jitted evaluation),
+// 1: both. `workspace` is used by the CUDA handler only.
+ffi::Error EmdImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer lengths1,
+                   ffi::AnyBuffer lengths2, int32_t with_grad, ffi::Result<ffi::AnyBuffer> cost,
+                   ffi::Result<ffi::AnyBuffer> grad1, ffi::Result<ffi::AnyBuffer> grad2,
+                   ffi::Result<ffi::AnyBuffer> /*workspace*/) {
+  PointShape s1, s2;
+  XLA_OPS_RETURN_IF_ERROR(
+      CheckEmd(kEmdOp, xyz1, xyz2, lengths1, lengths2, *cost, *grad1, *grad2, &s1, &s2));
+  const int64_t nb = s1.b, n = s1.n, m = s2.n;
+  const float* p1 = xyz1.typed_data<float>();
+  const float* p2 = xyz2.typed_data<float>();
+  float* out_cost = cost->typed_data<float>();
+  float* out_g1 = grad1->typed_data<float>();
+  float* out_g2 = grad2->typed_data<float>();
+  ApproxMatchRun run(nb, n, m, ItemLengths(lengths1, nb, n), ItemLengths(lengths2, nb, m));
+  std::vector<float> row_cost(nb * m), gcol(nb * run.max_row_blocks * 3 * run.np);
+  auto phases = run.Phases(p1, p2, /*finish_match=*/false);
+  const int64_t np = run.np;
+  phases.push_back({run.max_row_blocks, [&](int64_t i, int64_t block) {
+                      if (!run.active[i] || block >= run.row_blocks[i]) return;
+                      const int64_t begin = block * run.rows_per_block[i];
+                      const int64_t end = std::min(run.len2[i], begin + run.rows_per_block[i]);
+                      EmdRows({&run, i, &row_cost[i * m], out_g2 + i * m * 3, with_grad != 0}, begin, end,
+                              &gcol[(i * run.max_row_blocks + block) * 3 * np]);
+                    }});
+  phases.push_back({1, [&](int64_t i, int64_t) {  // grad1 (block order), padded points, cost (row order)
+                      const float nan = std::numeric_limits<float>::quiet_NaN();
+                      if (!run.active[i]) {
+                        const float fill = run.finite[i] ? 0.0f : nan;
+                        out_cost[i] = fill;
+                        std::fill(out_g1 + i * n * 3, out_g1 + (i + 1) * n * 3, fill);
+                        std::fill(out_g2 + i * m * 3, out_g2 + (i + 1) * m * 3, fill);
+                        return;
+                      }
+                      const int64_t ni = run.len1[i], mi = run.len2[i];
+                      std::fill(out_g1 + (i * n + ni) * 3, out_g1 + (i + 1) * n * 3, 0.0f);
+                      std::fill(out_g2 + (i * m + mi) * 3, out_g2 + (i + 1) * m * 3, 0.0f);
+                      for (int64_t k = 0; k < ni; ++k) {
+                        float g[3] = {0.0f, 0.0f, 0.0f};
+                        for (int64_t b = 0; b < run.row_blocks[i]; ++b)
+                          for (int c = 0; c < 3; ++c) g[c] += gcol[((i * run.max_row_blocks + b) * 3 + c) * np + k];
+                        const int64_t j = run.order1[i * n + k];
+                        for (int c = 0; c < 3; ++c) out_g1[(i * n + j) * 3 + c] = g[c];
+                      }
+                      float total = 0.0f;
+                      for (int64_t l = 0; l < mi; ++l) total += row_cost[i * m + l];
+                      out_cost[i] = total;
+                    }});
+  RunPhases(pool, nb, phases);
   return ffi::Error::Success();
 }
 
@@ -720,8 +955,10 @@ ffi::Error MatchCostGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer xyz1, ffi::Any
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMatchCpu, ApproxMatchImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()    // xyz1
+                                  .Arg<ffi::AnyBuffer>()    // xyz2
+                                  .Arg<ffi::AnyBuffer>()    // lengths1 (int32 [...])
+                                  .Arg<ffi::AnyBuffer>()    // lengths2
                                   .Ret<ffi::AnyBuffer>()    // match
                                   .Ret<ffi::AnyBuffer>());  // workspace (CUDA only)
 XLA_OPS_REGISTER(kMatchOp, ApproxMatchCpu);
@@ -745,5 +982,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MatchCostGradCpu, MatchCostGradImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 XLA_OPS_REGISTER(kCostGradOp, MatchCostGradCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EmdCpu, EmdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()    // xyz1
+                                  .Arg<ffi::AnyBuffer>()    // xyz2
+                                  .Arg<ffi::AnyBuffer>()    // lengths1 (int32 [...])
+                                  .Arg<ffi::AnyBuffer>()    // lengths2
+                                  .Attr<int32_t>("with_grad")
+                                  .Ret<ffi::AnyBuffer>()    // cost
+                                  .Ret<ffi::AnyBuffer>()    // grad1
+                                  .Ret<ffi::AnyBuffer>()    // grad2
+                                  .Ret<ffi::AnyBuffer>());  // workspace (CUDA only)
+XLA_OPS_REGISTER(kEmdOp, EmdCpu);
 
 }  // namespace xla_ops

@@ -1,4 +1,5 @@
-// Earth mover's distance ops on CUDA: approx_match, match_cost, match_cost_grad (docs/original.md §5).
+// Earth mover's distance ops on CUDA: approx_match, match_cost, match_cost_grad and emd (approx_match +
+// match_cost, value and gradient, without the match) (docs/original.md §5).
 //
 // approx_match runs the original GPU algorithm (10 rounds, level = -4^j for j = 7..-1, then 0), but instead
 // of one block per batch item doing the three passes of a round with block barriers in between, each pass
@@ -22,6 +23,8 @@ namespace {
 constexpr const char* kMatchOp = "xla_ops_approx_match";
 constexpr const char* kCostOp = "xla_ops_match_cost";
 constexpr const char* kCostGradOp = "xla_ops_match_cost_grad";
+constexpr const char* kEmdOp = "xla_ops_emd";
+constexpr int kRounds = 10;  // j = 7, 6, ..., -2
 constexpr int kThreads = 256;  // points per block (and tile size) of the per-point kernels
 
 inline unsigned int TileBlocks(int64_t b, int64_t count) {
@@ -81,9 +84,26 @@ __device__ __forceinline__ SlicedBlock DecodeSliced(int64_t blk, int64_t tiles, 
   return {bi, rest / slices, rest % slices};
 }
 
-__global__ void MatchInitKernel(int64_t b, MatchWorkspace ws, float multi_l, float multi_r) {
-  XLA_OPS_GRID_STRIDE(t, b * ws.n) ws.remain_l(t / ws.n)[t % ws.n] = multi_l;
-  XLA_OPS_GRID_STRIDE(t, b * ws.m) ws.remain_r(t / ws.m)[t % ws.m] = multi_r;
+// Item bi's real point counts n_i = lengths1[bi], m_i = lengths2[bi] (clamped to [0, n] / [0, m]).
+__device__ __forceinline__ int64_t ItemLength(const int32_t* lengths, int64_t bi, int64_t count) {
+  return min(count, max(int64_t{0}, static_cast<int64_t>(lengths[bi])));
+}
+
+// Masses (integer division, as in the original) from item bi's real counts: the larger set has mass 1 per
+// point; padded points (ragged batches) have no mass, so they contribute exactly 0 everywhere (the Python
+// wrapper zeroes their coordinates).
+__global__ void MatchInitKernel(int64_t b, MatchWorkspace ws, const int32_t* __restrict__ lengths1,
+                                const int32_t* __restrict__ lengths2) {
+  XLA_OPS_GRID_STRIDE(t, b * ws.n) {
+    const int64_t bi = t / ws.n, k = t % ws.n;
+    const int64_t ni = ItemLength(lengths1, bi, ws.n), mi = ItemLength(lengths2, bi, ws.m);
+    ws.remain_l(bi)[k] = k < ni ? (ni >= mi ? 1.0f : static_cast<float>(mi / max(ni, int64_t{1}))) : 0.0f;
+  }
+  XLA_OPS_GRID_STRIDE(t, b * ws.m) {
+    const int64_t bi = t / ws.m, l = t % ws.m;
+    const int64_t ni = ItemLength(lengths1, bi, ws.n), mi = ItemLength(lengths2, bi, ws.m);
+    ws.remain_r(bi)[l] = l < mi ? (ni >= mi ? static_cast<float>(ni / max(mi, int64_t{1})) : 1.0f) : 0.0f;
+  }
 }
 
 // The sliced sum of passes 1 and 2: for every point i of set A (count na) and slice s of set B (count nb),
@@ -142,7 +162,7 @@ __global__ void MatchRatioRKernel(int64_t b, MatchWorkspace ws) {
 }
 
 // Pass 3, per xyz1 point k and slice s of xyz2: w = exp(level d2(k, l)) ratio_l[k] ratio_r[l];
-// match[l, k] += w; partial[s][k] = sum_{l in s} w. Thread k owns column k of its slice's rows of match: no
+// match[l, k] += w (unless match is nullptr); partial[s][k] = sum_{l in s} w. Thread k owns column k of its slice's rows of match: no
 // races; the writes of a warp are to consecutive k, i.e. coalesced.
 __global__ void __launch_bounds__(kThreads)
     MatchUpdateKernel(int64_t b, float level, const float* __restrict__ xyz1, const float* __restrict__ xyz2,
@@ -157,7 +177,7 @@ __global__ void __launch_bounds__(kThreads)
     const float* a = xyz1 + (sb.bi * n + (valid ? k : 0)) * 3;
     const float x = a[0], y = a[1], z = a[2];
     const float rl = valid ? ws.ratio_l(sb.bi)[k] : 0.0f;
-    float* col = match + sb.bi * m * n + k;  // match[bi, l, k] = col[l * n]
+    float* col = match != nullptr ? match + sb.bi * m * n + k : nullptr;  // match[bi, l, k] = col[l * n]
     const int64_t l_end = min(m, (sb.slice + 1) * slice_len);
     float sum = 0.0f;
     for (int64_t l0 = sb.slice * slice_len; l0 < l_end; l0 += kThreads) {
@@ -166,7 +186,7 @@ __global__ void __launch_bounds__(kThreads)
       if (valid) {
         for (int t = 0; t < cnt; ++t) {
           const float w = expf(level * Dist2(tile[t], x, y, z)) * rl * tile[t].w;
-          col[(l0 + t) * n] += w;
+          if (col != nullptr) col[(l0 + t) * n] += w;  // nullptr: xla_ops_emd keeps the factors instead
           sum += w;
         }
       }
@@ -199,10 +219,46 @@ __global__ void MatchNonFiniteKernel(int64_t b, int64_t n, int64_t m, const floa
   }
 }
 
-ffi::Error ApproxMatchImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2,
-                           ffi::Result<ffi::AnyBuffer> match, ffi::Result<ffi::AnyBuffer> workspace) {
+// Level of round r: -4^(7 - r), exact, and 0 in the last round.
+inline float Level(int r) { return r == kRounds - 1 ? 0.0f : -std::ldexp(1.0f, 2 * (7 - r)); }
+
+// Keeps round r's ratio_l [n] and ratio_r [m] of every item (xla_ops_emd rebuilds the match from them).
+__global__ void SaveRatiosKernel(int64_t b, MatchWorkspace ws, float* __restrict__ ratio_l_r,
+                                 float* __restrict__ ratio_r_r, int64_t rounds_stride) {
+  XLA_OPS_GRID_STRIDE(t, b * ws.n) ratio_l_r[(t / ws.n) * rounds_stride + t % ws.n] = ws.ratio_l(t / ws.n)[t % ws.n];
+  XLA_OPS_GRID_STRIDE(t, b * ws.m) ratio_r_r[(t / ws.m) * rounds_stride + t % ws.m] = ws.ratio_r(t / ws.m)[t % ws.m];
+}
+
+// The rounds of approx_match. match: [b, m, n] (zeroed first) or nullptr; rounds: nullptr, or per item
+// kRounds x (n + m) floats at stride `rounds_stride` (round r's ratio_l at r * n, ratio_r at kRounds * n + r * m).
+ffi::Error RunRounds(const char* op, cudaStream_t stream, int64_t b, int64_t n, int64_t m, const float* p1,
+                     const float* p2, const int32_t* lengths1, const int32_t* lengths2, const MatchWorkspace& ws,
+                     float* match, float* rounds, int64_t rounds_stride) {
+  const int64_t slices = ws.slices;
+  MatchInitKernel<<<StrideBlocks(b * std::max(n, m), kThreads), kThreads, 0, stream>>>(b, ws, lengths1, lengths2);
+  XLA_OPS_RETURN_IF_ERROR(CheckLaunch(op));
+  const unsigned int blocks1 = SlicedBlocks(b, n, slices), blocks2 = SlicedBlocks(b, m, slices);
+  for (int r = 0; r < kRounds; ++r) {
+    const float level = Level(r);
+    MatchSumKernel<<<blocks1, kThreads, 0, stream>>>(b, n, m, level, p1, p2, ws, /*pass1=*/true);
+    MatchRatioLKernel<<<StrideBlocks(b * n, kThreads), kThreads, 0, stream>>>(b, ws);
+    MatchSumKernel<<<blocks2, kThreads, 0, stream>>>(b, m, n, level, p2, p1, ws, /*pass1=*/false);
+    MatchRatioRKernel<<<StrideBlocks(b * m, kThreads), kThreads, 0, stream>>>(b, ws);
+    if (rounds != nullptr)
+      SaveRatiosKernel<<<StrideBlocks(b * std::max(n, m), kThreads), kThreads, 0, stream>>>(
+          b, ws, rounds + r * n, rounds + kRounds * n + r * m, rounds_stride);
+    MatchUpdateKernel<<<blocks1, kThreads, 0, stream>>>(b, level, p1, p2, ws, match);
+    MatchRemainLKernel<<<StrideBlocks(b * n, kThreads), kThreads, 0, stream>>>(b, ws);
+    XLA_OPS_RETURN_IF_ERROR(CheckLaunch(op));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ApproxMatchImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer lengths1,
+                           ffi::AnyBuffer lengths2, ffi::Result<ffi::AnyBuffer> match,
+                           ffi::Result<ffi::AnyBuffer> workspace) {
   PointShape s1, s2;
-  XLA_OPS_RETURN_IF_ERROR(CheckApproxMatch(kMatchOp, xyz1, xyz2, *match, &s1, &s2));
+  XLA_OPS_RETURN_IF_ERROR(CheckApproxMatch(kMatchOp, xyz1, xyz2, lengths1, lengths2, *match, &s1, &s2));
   const int64_t b = s1.b, n = s1.n, m = s2.n;
   if (workspace->element_type() != ffi::F32) return InvalidArgument(kMatchOp, "workspace must be float32");
   if (b == 0) return ffi::Error::Success();
@@ -216,27 +272,200 @@ ffi::Error ApproxMatchImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuf
   float* out = match->typed_data<float>();
   const float* p1 = xyz1.typed_data<float>();
   const float* p2 = xyz2.typed_data<float>();
-
-  // Masses (integer division, as in the original): the larger set has mass 1 per point.
-  const float multi_l = n >= m ? 1.0f : static_cast<float>(m / n);
-  const float multi_r = n >= m ? static_cast<float>(n / m) : 1.0f;
   XLA_OPS_RETURN_IF_ERROR(ZeroAsync(kMatchOp, out, match->size_bytes(), stream));
-  MatchInitKernel<<<StrideBlocks(b * std::max(n, m), kThreads), kThreads, 0, stream>>>(b, ws, multi_l, multi_r);
-  XLA_OPS_RETURN_IF_ERROR(CheckLaunch(kMatchOp));
-  const unsigned int blocks1 = SlicedBlocks(b, n, slices), blocks2 = SlicedBlocks(b, m, slices);
-  for (int j = 7; j >= -2; --j) {
-    const float level = j == -2 ? 0.0f : -std::ldexp(1.0f, 2 * j);  // -4^j, exact
-    MatchSumKernel<<<blocks1, kThreads, 0, stream>>>(b, n, m, level, p1, p2, ws, /*pass1=*/true);
-    MatchRatioLKernel<<<StrideBlocks(b * n, kThreads), kThreads, 0, stream>>>(b, ws);
-    MatchSumKernel<<<blocks2, kThreads, 0, stream>>>(b, m, n, level, p2, p1, ws, /*pass1=*/false);
-    MatchRatioRKernel<<<StrideBlocks(b * m, kThreads), kThreads, 0, stream>>>(b, ws);
-    MatchUpdateKernel<<<blocks1, kThreads, 0, stream>>>(b, level, p1, p2, ws, out);
-    MatchRemainLKernel<<<StrideBlocks(b * n, kThreads), kThreads, 0, stream>>>(b, ws);
-    XLA_OPS_RETURN_IF_ERROR(CheckLaunch(kMatchOp));
-  }
+  XLA_OPS_RETURN_IF_ERROR(RunRounds(kMatchOp, stream, b, n, m, p1, p2, lengths1.typed_data<int32_t>(),
+                                    lengths2.typed_data<int32_t>(), ws, out, nullptr, 0));
   MatchNonFiniteKernel<<<static_cast<unsigned int>(std::min(b, kMaxGridX)), kThreads, 0, stream>>>(b, n, m, p1, p2,
                                                                                                   out);
   return CheckLaunch(kMatchOp);
+}
+
+// ---- earth_mover_distance (xla_ops_emd): value and gradient without the match ------------------------
+//
+// The rounds run as in approx_match with match = nullptr, keeping every round's ratio_l / ratio_r (SaveRatios).
+// Then match[l, k] = sum_r exp(level_r d2(k, l)) ratio_l_r[k] ratio_r_r[l] is recomputed where needed: by
+// EmdGrad1Kernel (one thread per xyz1 point k, like MatchCostGrad1Kernel) and EmdRowKernel (one warp per xyz2
+// point l: its cost and grad2, like MatchCostRowKernel / MatchCostGrad2Kernel). 10 exponentials per pair and
+// pass, O(B (n + m)) memory. Same sums as approx_match + match_cost + match_cost_grad up to rounding.
+
+struct Levels {
+  float v[kRounds];
+};
+
+// match[l, k] from the factors; rl / rr point at round 0's ratio_l[k] / ratio_r[l] (rounds `rl_step` /
+// `rr_step` apart). Rounds in which row l had no mass are skipped (most of them after a few rounds).
+__device__ __forceinline__ float MatchEntry(const Levels& levels, float d2, const float* rl, int64_t rl_step,
+                                            const float* rr, int64_t rr_step) {
+  float w = 0.0f;
+  for (int r = 0; r < kRounds; ++r) {
+    const float ratio_r = rr[r * rr_step];
+    if (ratio_r != 0.0f) w += expf(levels.v[r] * d2) * rl[r * rl_step] * ratio_r;
+  }
+  return w;
+}
+
+// Per item the workspace holds approx_match's (stride 2 (n + m) + slices * max(n, m)), then the rounds'
+// ratio_l [kRounds, n] and ratio_r [kRounds, m], then the row costs [m].
+struct EmdLayout {
+  int64_t stride, match_part, n, m;
+  __host__ __device__ int64_t rounds(int64_t bi) const { return bi * stride + match_part; }
+  __host__ __device__ int64_t row_cost(int64_t bi) const { return rounds(bi) + kRounds * (n + m); }
+};
+
+// grad1[k] = sum_l match[l, k] (p_k - q_l) / max(|p_k - q_l|, 1e-10): one thread per xyz1 point k, xyz2 and
+// its round ratios staged in shared memory tiles.
+__global__ void __launch_bounds__(kThreads)
+    EmdGrad1Kernel(int64_t b, int64_t n, int64_t m, Levels levels, const float* __restrict__ xyz1,
+                   const float* __restrict__ xyz2, const float* __restrict__ ws, EmdLayout layout,
+                   float* __restrict__ grad1) {
+  __shared__ float4 tile[kThreads];
+  __shared__ float tile_rr[kRounds][kThreads];
+  const int64_t tiles = CeilDiv(n, kThreads);
+  for (int64_t blk = blockIdx.x; blk < b * tiles; blk += gridDim.x) {
+    const int64_t bi = blk / tiles, k = (blk - bi * tiles) * kThreads + threadIdx.x;
+    const bool valid = k < n;
+    const int64_t p = bi * n + k;
+    const float x = valid ? xyz1[3 * p] : 0.0f, y = valid ? xyz1[3 * p + 1] : 0.0f, z = valid ? xyz1[3 * p + 2] : 0.0f;
+    const float* rounds = ws + layout.rounds(bi);
+    float rl[kRounds];
+    for (int r = 0; r < kRounds; ++r) rl[r] = valid ? rounds[r * n + k] : 0.0f;
+    float gx = 0.0f, gy = 0.0f, gz = 0.0f;
+    for (int64_t l0 = 0; l0 < m; l0 += kThreads) {
+      const int cnt = static_cast<int>(min(static_cast<int64_t>(kThreads), m - l0));
+      LoadTile(tile, xyz2 + bi * m * 3, nullptr, l0, cnt);  // synchronises before and after
+      for (int t = threadIdx.x; t < cnt; t += blockDim.x)
+        for (int r = 0; r < kRounds; ++r) tile_rr[r][t] = rounds[kRounds * n + r * m + l0 + t];
+      __syncthreads();
+      if (valid) {
+        for (int t = 0; t < cnt; ++t) {
+          const float dx = x - tile[t].x, dy = y - tile[t].y, dz = z - tile[t].z;
+          const float d2 = dx * dx + dy * dy + dz * dz;
+          const float w = MatchEntry(levels, d2, rl, 1, &tile_rr[0][t], kThreads);
+          const float s = w / fmaxf(sqrtf(d2), 1e-10f);
+          gx += s * dx;
+          gy += s * dy;
+          gz += s * dz;
+        }
+      }
+    }
+    if (valid) {
+      grad1[3 * p] = gx;
+      grad1[3 * p + 1] = gy;
+      grad1[3 * p + 2] = gz;
+    }
+  }
+}
+
+// Row l of item bi (q = bi * m + l): row_cost[q] = sum_k match[l, k] |p_k - q_l| and grad2[l] = sum_k match[l, k]
+// (q_l - p_k) / max(|q_l - p_k|, 1e-10); one warp per row, reduced with shuffles in a fixed order.
+__global__ void EmdRowKernel(int64_t b, int64_t n, int64_t m, Levels levels, const float* __restrict__ xyz1,
+                             const float* __restrict__ xyz2, float* __restrict__ ws, EmdLayout layout,
+                             float* __restrict__ grad2) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  // Warp-uniform loop: every lane of a warp runs the same iterations, so the full-mask shuffles are safe.
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); q < b * m;
+       q += warps) {
+    const int64_t bi = q / m, l = q - bi * m;
+    const float x = xyz2[3 * q], y = xyz2[3 * q + 1], z = xyz2[3 * q + 2];
+    const float* p1 = xyz1 + bi * n * 3;
+    const float* rounds = ws + layout.rounds(bi);
+    float rr[kRounds];
+    bool any = false;
+    for (int r = 0; r < kRounds; ++r) rr[r] = rounds[kRounds * n + r * m + l], any |= rr[r] != 0.0f;
+    float cost = 0.0f, gx = 0.0f, gy = 0.0f, gz = 0.0f;
+    if (any) {  // warp-uniform
+      for (int64_t k = lane; k < n; k += 32) {
+        const float dx = x - p1[3 * k], dy = y - p1[3 * k + 1], dz = z - p1[3 * k + 2];
+        const float d2 = dx * dx + dy * dy + dz * dz;
+        const float w = MatchEntry(levels, d2, rounds + k, n, rr, 1);
+        const float dist = sqrtf(d2);
+        cost += w * dist;
+        const float s = w / fmaxf(dist, 1e-10f);
+        gx += s * dx;
+        gy += s * dy;
+        gz += s * dz;
+      }
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      cost += __shfl_down_sync(0xffffffffu, cost, off);
+      gx += __shfl_down_sync(0xffffffffu, gx, off);
+      gy += __shfl_down_sync(0xffffffffu, gy, off);
+      gz += __shfl_down_sync(0xffffffffu, gz, off);
+    }
+    if (lane == 0) {
+      ws[layout.row_cost(bi) + l] = cost;
+      grad2[3 * q] = gx;
+      grad2[3 * q + 1] = gy;
+      grad2[3 * q + 2] = gz;
+    }
+  }
+}
+
+// cost[bi] = sum of item bi's row costs (fixed order, BlockSum); an item with a NaN/Inf coordinate gets NaN
+// cost and gradients (approx_match's rule: its match is all NaN).
+__global__ void __launch_bounds__(kThreads)
+    EmdFinishKernel(int64_t b, int64_t n, int64_t m, const float* __restrict__ xyz1, const float* __restrict__ xyz2,
+                    const float* __restrict__ ws, EmdLayout layout, float* __restrict__ cost,
+                    float* __restrict__ grad1, float* __restrict__ grad2) {
+  __shared__ float reduce[32];
+  for (int64_t bi = blockIdx.x; bi < b; bi += gridDim.x) {
+    float acc = 0.0f;
+    for (int64_t l = threadIdx.x; l < m; l += blockDim.x) acc += ws[layout.row_cost(bi) + l];
+    acc = BlockSum(acc, reduce);
+    int bad = 0;
+    for (int64_t t = threadIdx.x; t < 3 * n; t += blockDim.x) bad |= !isfinite(xyz1[bi * n * 3 + t]);
+    for (int64_t t = threadIdx.x; t < 3 * m; t += blockDim.x) bad |= !isfinite(xyz2[bi * m * 3 + t]);
+    if (__syncthreads_or(bad)) {  // block-uniform
+      for (int64_t t = threadIdx.x; t < 3 * n; t += blockDim.x) grad1[bi * n * 3 + t] = NAN;
+      for (int64_t t = threadIdx.x; t < 3 * m; t += blockDim.x) grad2[bi * m * 3 + t] = NAN;
+      acc = NAN;
+    }
+    if (threadIdx.x == 0) cost[bi] = acc;
+  }
+}
+
+// with_grad = 0: the cost only (grad1 is zeroed instead of computed; EmdRowKernel's grad2 comes for free).
+ffi::Error EmdImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyBuffer xyz2, ffi::AnyBuffer lengths1,
+                   ffi::AnyBuffer lengths2, int32_t with_grad, ffi::Result<ffi::AnyBuffer> cost,
+                   ffi::Result<ffi::AnyBuffer> grad1, ffi::Result<ffi::AnyBuffer> grad2,
+                   ffi::Result<ffi::AnyBuffer> workspace) {
+  PointShape s1, s2;
+  XLA_OPS_RETURN_IF_ERROR(CheckEmd(kEmdOp, xyz1, xyz2, lengths1, lengths2, *cost, *grad1, *grad2, &s1, &s2));
+  const int64_t b = s1.b, n = s1.n, m = s2.n;
+  if (workspace->element_type() != ffi::F32) return InvalidArgument(kEmdOp, "workspace must be float32");
+  if (b == 0) return ffi::Error::Success();
+  const int64_t stride = static_cast<int64_t>(workspace->element_count()) / b;
+  const int64_t extra = kRounds * (n + m) + m;
+  const int64_t slices = (stride - extra - 2 * (n + m)) / std::max(n, m);
+  if (static_cast<int64_t>(workspace->element_count()) != b * stride || slices < 1 ||
+      stride != 2 * (n + m) + slices * std::max(n, m) + extra)
+    return InvalidArgument(kEmdOp, "workspace must be float32 [..., 2 * (n + m) + slices * max(n, m) + " +
+                                       std::to_string(kRounds) + " * (n + m) + m], got " +
+                                       std::to_string(workspace->element_count()) + " elements");
+  float* base = workspace->typed_data<float>();
+  const MatchWorkspace ws{base, stride, n, m, slices};
+  const EmdLayout layout{stride, stride - extra, n, m};
+  const float* p1 = xyz1.typed_data<float>();
+  const float* p2 = xyz2.typed_data<float>();
+  XLA_OPS_RETURN_IF_ERROR(RunRounds(kEmdOp, stream, b, n, m, p1, p2, lengths1.typed_data<int32_t>(),
+                                    lengths2.typed_data<int32_t>(), ws, nullptr, base + layout.rounds(0), stride));
+  Levels levels;
+  for (int r = 0; r < kRounds; ++r) levels.v[r] = Level(r);
+  if (with_grad != 0) {
+    EmdGrad1Kernel<<<TileBlocks(b, n), kThreads, 0, stream>>>(b, n, m, levels, p1, p2, base, layout,
+                                                               grad1->typed_data<float>());
+    XLA_OPS_RETURN_IF_ERROR(CheckLaunch(kEmdOp));
+  } else {
+    XLA_OPS_RETURN_IF_ERROR(ZeroAsync(kEmdOp, grad1->typed_data<float>(), grad1->size_bytes(), stream));
+  }
+  constexpr int kWarpsPerBlock = kThreads / 32;
+  EmdRowKernel<<<StrideBlocks(b * m, kWarpsPerBlock), kThreads, 0, stream>>>(b, n, m, levels, p1, p2, base, layout,
+                                                                            grad2->typed_data<float>());
+  XLA_OPS_RETURN_IF_ERROR(CheckLaunch(kEmdOp));
+  EmdFinishKernel<<<static_cast<unsigned int>(std::min(b, kMaxGridX)), kThreads, 0, stream>>>(
+      b, n, m, p1, p2, base, layout, cost->typed_data<float>(), grad1->typed_data<float>(), grad2->typed_data<float>());
+  return CheckLaunch(kEmdOp);
 }
 
 // ---- match_cost -----------------------------------------------------------------------------------
@@ -384,13 +613,15 @@ ffi::Error MatchCostGradImpl(cudaStream_t stream, ffi::AnyBuffer xyz1, ffi::AnyB
 
 }  // namespace
 
-// All three only enqueue kernels on XLA's stream, with launch parameters that depend on shapes alone and
+// All of them only enqueue kernels on XLA's stream, with launch parameters that depend on shapes alone and
 // no host synchronisation or allocation: XLA may capture them into CUDA graphs (command buffers).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ApproxMatchCuda, ApproxMatchImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()   // xyz1
+                                  .Arg<ffi::AnyBuffer>()   // xyz2
+                                  .Arg<ffi::AnyBuffer>()   // lengths1 (int32 [...])
+                                  .Arg<ffi::AnyBuffer>()   // lengths2
                                   .Ret<ffi::AnyBuffer>()   // match
                                   .Ret<ffi::AnyBuffer>(),  // workspace
                               {ffi::Traits::kCmdBufferCompatible});
@@ -417,6 +648,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MatchCostGradCuda, MatchCostGradImpl,
                                   .Ret<ffi::AnyBuffer>(),
                               {ffi::Traits::kCmdBufferCompatible});
 XLA_OPS_REGISTER(kCostGradOp, MatchCostGradCuda);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EmdCuda, EmdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()   // xyz1
+                                  .Arg<ffi::AnyBuffer>()   // xyz2
+                                  .Arg<ffi::AnyBuffer>()   // lengths1 (int32 [...])
+                                  .Arg<ffi::AnyBuffer>()   // lengths2
+                                  .Attr<int32_t>("with_grad")
+                                  .Ret<ffi::AnyBuffer>()   // cost
+                                  .Ret<ffi::AnyBuffer>()   // grad1
+                                  .Ret<ffi::AnyBuffer>()   // grad2
+                                  .Ret<ffi::AnyBuffer>(),  // workspace
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_OPS_REGISTER(kEmdOp, EmdCuda);
 
 }  // namespace cuda
 }  // namespace xla_ops
