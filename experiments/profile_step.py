@@ -9,13 +9,14 @@ step with its donation and non-finite guard):
 
 1. Pieces jitted on their own, timed interleaved (round r runs each once; medians over rounds after a warm-up),
    each with XLA's cost-analysis FLOPs: the forward pass (train mode), forward + loss, forward + loss + backward
-   (value_and_grad), the Adam update with the non-finite guard, the whole step; host -> device copy of one
+   (value_and_grad), the Adam update with the non-finite guard, the whole step, the whole step with Adam's
+   moments per parameter leaf (plain optax.adam, as before train.make_optimizer flattened them); host -> device copy of one
    batch and device -> host copy of the step's metrics; with ``--data_root`` also one batch of the grain input
    pipeline (read on the consumer's thread, without the prefetch that hides it in training).
 2. A jax.profiler trace of a few whole steps: every executed HLO op (XLA:CPU thunk) is mapped to its JAX
    name stack (the op_name metadata of the compiled HLO) and summed into parts: forward / backward x network
-   part (encoder, decoder, dense levels) x kind (convolution, transposed convolution, batch norm, pooling,
-   point ops, other element-wise), the loss, the optimizer, copies XLA inserted. Op times are summed over the
+   part (encoder, decoder, dense levels) x kind (convolution, transposed convolution, matmul, batch norm,
+   pooling, point ops, other element-wise), the loss, the optimizer, copies XLA inserted. Op times are summed over the
    threads that run them, so a part's share is of the busy CPU time, not of the wall time.
 
 ``--xla_variants`` instead times the whole sparse/dense/finetune step under different XLA_FLAGS, one child
@@ -58,6 +59,8 @@ _DATA_ROOT = flags.DEFINE_string("data_root", "", "Synthetic data root (experime
 _VARIANTS = flags.DEFINE_string("xla_variants", None, "'|'-separated XLA_FLAGS strings to compare (the first "
                                 "is the baseline; '' = no flags), one child process per round and variant.")
 _STEPS_PER_CHILD = flags.DEFINE_integer("steps_per_child", 8, "--xla_variants: timed steps per child (median).")
+PER_LEAF = "whole step with per-leaf Adam moments (before)"
+
 _CHILD = flags.DEFINE_bool("child", False, "Internal: time the whole step once under the current XLA_FLAGS.")
 
 
@@ -179,6 +182,18 @@ def time_pieces(stage_name: str, rounds: int, data_root: str) -> tuple[list[dict
     return metrics
 
   pieces["whole step (train.jit_steps)"] = (whole_step, flops_of(step_compiled))
+  # The same step with Adam's moments per parameter leaf (before train.make_optimizer's optax.flatten).
+  per_leaf_tx = optax.adam(train.learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8)
+  per_leaf_state = [train.replicate(train.create_train_state(model, per_leaf_tx, jax.tree.map(
+      jnp.asarray, batches[0]), config.seed), mesh)]
+  per_leaf_fn, _ = train.jit_steps(model, per_leaf_tx, loss_fn, mesh)
+  per_leaf_compiled = per_leaf_fn.lower(per_leaf_state[0], device_batches[0]).compile()
+
+  def per_leaf_step():
+    per_leaf_state[0], metrics = per_leaf_compiled(per_leaf_state[0], device_batches[0])
+    return metrics
+
+  pieces[PER_LEAF] = (per_leaf_step, flops_of(per_leaf_compiled))
   pieces["host -> device, one batch"] = (lambda: train.shard_batch(batches[1], mesh), 0.0)
   metrics = whole_step()
   pieces["device -> host, step metrics"] = (lambda: jax.device_get(metrics), 0.0)
@@ -242,6 +257,8 @@ def classify(opcode: str, op_name: str, hlo_name: str) -> str:
     kind = "point ops (xla_ops)"
   elif "conv_general_dilated" in low:
     kind = "transposed conv" if "/deconv" in low else "conv"
+  elif "dot_general" in low:
+    kind = "matmul (Dense, 1x1 conv)"
   elif re.search(r"/bn\d*/|/bn_\d+/|batchnorm", low):
     kind = "batch norm"
   elif "reduce_window" in low or "select_and_scatter" in low or "max_pool" in low:
@@ -372,6 +389,9 @@ def main(argv):
       gflop = f"{flops / 1e9:.2f}" if flops == flops and flops > 0 else "-"
       share = f"{100 * flops / (r['median_s'] * peak):.1f}%" if flops == flops and flops > 0 else "-"
       print(f"| {r['piece']} | {r['median_s'] * 1000:.1f} ms | {gflop} | {share} |")
+    per_leaf = next(r for r in rows if r["piece"] == PER_LEAF)
+    print(f"\nWhole step, per-leaf Adam / flat Adam (train.make_optimizer): "
+          f"{per_leaf['median_s'] / step['median_s']:.2f}x")
     print(f"\nTrace of {_TRACE_STEPS.value} whole steps: wall {wall_ms:.1f} ms/step, HLO ops busy {busy_ms:.1f} "
           f"ms/step summed over threads ({busy_ms / wall_ms:.2f} of {os.cpu_count()} cores busy).\n")
     print("| part | busy ms/step | share | ops/step |\n|---|---|---|---|")

@@ -42,5 +42,7 @@ def test_profile_step_maps_hlo_ops_to_parts():
   assert profile_step.classify("fusion", backward, "ynn_fusion.3") == "backward: decoder / transposed conv"
   bn = "jit(train_step)/jvp(SparseNet)/SparseNet.reconstruct/encoder/residual_1/bn1/reduce_sum"
   assert profile_step.classify("fusion", bn, "fusion.9") == "forward: encoder / batch norm"
+  dense = "jit(train_step)/transpose(jvp(DenseNet))/DenseNet/level_2/local/dgcnn1/conv/dot_general"
+  assert profile_step.classify("fusion", dense, "fusion.4") == "backward: level_2 / matmul (Dense, 1x1 conv)"
   peak, note = profile_step.cpu_peak()
   assert peak > 0 and "GFLOP/s" in note
