@@ -637,13 +637,28 @@ def main(argv):
   default_out = None if (quick or gpu) else os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
   out = _OUT.value or default_out
   if out:
-    with open(out, "w") as f:
-      f.write(text)
+    write_keeping_sections(out, text)
     print(f"wrote {out}")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(dict(peak_flops=peak, peak_note=peak_note, rows=records, verdicts=verdicts, quick=quick,
                      repeats=repeats, started=f"{started:%Y-%m-%d %H:%M} UTC"), f, indent=1)
+
+
+KEEP_MARKER = "<!-- Sections below this line are not written by experiments/bench_ops.py; it keeps them. -->"
+
+
+def write_keeping_sections(path: str, generated: str) -> None:
+  """Writes ``generated`` to ``path``, keeping whatever the file holds from KEEP_MARKER on (hand-written notes,
+  the training-step profile of experiments/profile_step.py)."""
+  kept = ""
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if KEEP_MARKER in old:
+      kept = old[old.index(KEEP_MARKER):]
+  with open(path, "w") as f:
+    f.write(generated.rstrip("\n") + "\n\n" + (kept or KEEP_MARKER + "\n"))
 
 
 if __name__ == "__main__":
