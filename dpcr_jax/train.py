@@ -101,8 +101,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   ``optax.flatten``: Adam's moments are kept as one flat vector each (opt_state ``mu`` / ``nu`` [num_params])
   and the update runs on the concatenated gradient. Adam is element-wise, so this is the same algorithm; on
   XLA:CPU it replaces a few thousand tiny per-leaf kernels (the sparse network has ~450 parameter arrays,
-  most of 16-128 floats) by a few large ones: the quickstart sparse step measured 1.30x faster
-  (experiments/profile_step.py, docs/training.md). XLA vectorises the fused arithmetic differently, so the
+  most of 16-128 floats) by a few large ones: the quickstart sparse step measured 1.15x faster idle and
+  1.30x under load (experiments/profile_step.py, docs/training.md). XLA vectorises the fused arithmetic differently, so the
   parameters may differ from the per-leaf update's in the last bit (measured: <= 1 ulp per Adam step); runs
   stay bitwise repeatable on one machine. Checkpoints written before this change (per-leaf moments) do not
   restore into it (CheckpointMismatchError).
