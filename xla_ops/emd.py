@@ -70,14 +70,17 @@ def _per_example_masses(n_i, m_i):
   return mass_l, mass_r
 
 
+def _valid(xyz, lengths):
+  """bool [..., n]: which of xyz's [..., n, 3] points are real (position < the example's length)."""
+  return jnp.arange(xyz.shape[-2]) < lengths[..., None]
+
+
 def _approx_match_jnp(xyz1, xyz2, lengths1, lengths2):
   """The GPU algorithm over the dense [m, n] matrices (baseline). lengths1/2: int32 [...] real points."""
   n, m = xyz1.shape[-2], xyz2.shape[-2]
   batch = xyz1.shape[:-2]
-  valid1 = jnp.arange(n) < lengths1[..., None]
-  valid2 = jnp.arange(m) < lengths2[..., None]
-  xyz1 = jnp.where(valid1[..., None], xyz1, 0.0)
-  xyz2 = jnp.where(valid2[..., None], xyz2, 0.0)
+  valid1, valid2 = _valid(xyz1, lengths1), _valid(xyz2, lengths2)
+  xyz1, xyz2 = _zero_padding(xyz1, xyz2, lengths1, lengths2)
   d2 = _sq_dist_matrix(xyz1, xyz2)
   mass_l, mass_r = _per_example_masses(lengths1, lengths2)
 
@@ -243,16 +246,14 @@ _match_cost.defvjp(_match_cost_fwd, _match_cost_bwd)
 def _zero_padding(xyz1, xyz2, lengths1, lengths2):
   """Zeroes the coordinates of padded points (the CUDA kernels give them no mass but still read them; NaN
   padding would poison 0 * exp(...)). Their gradients are 0."""
-  valid1 = jnp.arange(xyz1.shape[-2]) < lengths1[..., None]
-  valid2 = jnp.arange(xyz2.shape[-2]) < lengths2[..., None]
-  return jnp.where(valid1[..., None], xyz1, 0.0), jnp.where(valid2[..., None], xyz2, 0.0)
+  return (jnp.where(_valid(xyz1, lengths1)[..., None], xyz1, 0.0),
+          jnp.where(_valid(xyz2, lengths2)[..., None], xyz2, 0.0))
 
 
 def _mask_match(xyz1, xyz2, match, lengths1, lengths2):
   """Zeroes padded points and the match rows / columns of padded points."""
-  valid1 = jnp.arange(xyz1.shape[-2]) < lengths1[..., None]
-  valid2 = jnp.arange(xyz2.shape[-2]) < lengths2[..., None]
-  return (jnp.where(valid1[..., None], xyz1, 0.0), jnp.where(valid2[..., None], xyz2, 0.0),
+  valid1, valid2 = _valid(xyz1, lengths1), _valid(xyz2, lengths2)
+  return (*_zero_padding(xyz1, xyz2, lengths1, lengths2),
           jnp.where(valid2[..., :, None] & valid1[..., None, :], match, 0.0))
 
 
@@ -316,8 +317,7 @@ _emd_ffi.defvjp(_emd_ffi_fwd, _emd_ffi_bwd)
 
 def _joint_scale(xyz1, xyz2, lengths1, lengths2):
   """Largest side of the joint bounding box of both clouds' real points, [...] (1 where it is 0 or empty)."""
-  valid1 = (jnp.arange(xyz1.shape[-2]) < lengths1[..., None])[..., None]
-  valid2 = (jnp.arange(xyz2.shape[-2]) < lengths2[..., None])[..., None]
+  valid1, valid2 = _valid(xyz1, lengths1)[..., None], _valid(xyz2, lengths2)[..., None]
   lo = jnp.minimum(jnp.min(jnp.where(valid1, xyz1, jnp.inf), axis=-2), jnp.min(jnp.where(valid2, xyz2, jnp.inf), axis=-2))
   hi = jnp.maximum(jnp.max(jnp.where(valid1, xyz1, -jnp.inf), axis=-2), jnp.max(jnp.where(valid2, xyz2, -jnp.inf), axis=-2))
   side = jnp.max(hi - lo, axis=-1)
