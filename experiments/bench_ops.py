@@ -39,6 +39,8 @@ from typing import Any, Callable
 
 from absl import app, flags
 
+from experiments.machine import cpu_peak
+
 _QUICK = flags.DEFINE_bool("quick", False, "Small sizes and 2 timed runs (smoke test).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median reported); --quick uses 2.")
 _OUT = flags.DEFINE_string("out", None, "Markdown output (default docs/benchmarks.md for a full run).")
@@ -48,8 +50,6 @@ _WORKER = flags.DEFINE_string("worker", None, "Internal: measure one case in thi
 _GPU = flags.DEFINE_bool("gpu", False, "Paper sizes on the default (GPU) device, ffi vs jnp only (see the docstring).")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows and target verdicts as JSON here.")
 
-FLOPS_PER_CYCLE_AVX2 = 32  # per core: 2 FMA pipes x 8 fp32 lanes x 2 flops
-FLOPS_PER_CYCLE_AVX512 = 64  # per core: 2 FMA pipes x 16 fp32 lanes x 2 flops
 
 
 # ---- the cases ----------------------------------------------------------------------------------
@@ -468,24 +468,6 @@ def _measure_case(case_name: str, quick: bool, repeats: int, gpu: bool = False) 
 
 
 # ---- driver ---------------------------------------------------------------------------------------
-def _cpu_peak() -> tuple[float, str]:
-  cores = os.cpu_count() or 1
-  ghz, avx512 = 2.45, False
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-    avx512 = " avx512f" in info
-    ghz = float(info.split("cpu MHz")[1].split(":")[1].split()[0]) / 1000
-  except (OSError, IndexError, ValueError):
-    pass
-  per_cycle = FLOPS_PER_CYCLE_AVX512 if avx512 else FLOPS_PER_CYCLE_AVX2
-  peak = cores * ghz * 1e9 * per_cycle
-  note = (f"{cores} cores x {ghz:.2f} GHz (the nominal clock /proc/cpuinfo reports; turbo not assumed) x "
-          f"{per_cycle} fp32 flops/cycle ({'AVX-512' if avx512 else 'AVX2'}: 2 FMA pipes) = "
-          f"{peak / 1e9:.0f} GFLOP/s")
-  return peak, note
-
-
 FP32_LANES_PER_SM = {"8.0": 64, "7.5": 64}  # others (8.6, 8.9, 9.0, 10.x, 12.x): 128
 
 
@@ -542,9 +524,9 @@ def main(argv):
   measure = _run_worker if isolate else _measure_case
   if gpu:
     import jax
-    peak, peak_note = gpu_peak() if jax.default_backend() == "gpu" else _cpu_peak()
+    peak, peak_note = gpu_peak() if jax.default_backend() == "gpu" else cpu_peak()
   else:
-    peak, peak_note = _cpu_peak()
+    peak, peak_note = cpu_peak()
   rows, extras, verdicts, records = [], [], [], []
   targets = GPU_TARGETS if gpu else TARGETS
   started = datetime.datetime.now(datetime.timezone.utc)

@@ -50,6 +50,7 @@ import optax
 from configs import quickstart
 from dpcr_jax import nonfinite, stages, train
 from dpcr_jax.models import point_counts
+from experiments.machine import cpu_peak, load_average
 
 _STAGES = flags.DEFINE_list("stages", ["sparse", "dense", "finetune"], "Stages to profile.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (medians) after one warm-up round.")
@@ -62,42 +63,6 @@ _STEPS_PER_CHILD = flags.DEFINE_integer("steps_per_child", 8, "--xla_variants: t
 PER_LEAF = "whole step with per-leaf Adam moments (before)"
 
 _CHILD = flags.DEFINE_bool("child", False, "Internal: time the whole step once under the current XLA_FLAGS.")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The machine.
-
-
-def cpu_peak() -> tuple[float, str]:
-  """(peak fp32 FLOP/s, how it was computed) from the core count, nominal clock and the vector ISA."""
-  cores = os.cpu_count() or 1
-  ghz, model, isa_flags = 0.0, "unknown CPU", set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if key == "cpu MHz" and not ghz:
-          ghz = float(value) / 1000
-        elif key == "model name" and model == "unknown CPU":
-          model = value
-        elif key == "flags" and not isa_flags:
-          isa_flags = set(value.split())
-  except OSError:
-    pass
-  per_cycle, isa = (64, "AVX-512, 2 FMA units") if "avx512f" in isa_flags else (
-      (32, "AVX2 + FMA") if "fma" in isa_flags else (8, "SSE"))
-  peak = cores * ghz * 1e9 * per_cycle
-  return peak, (f"{model}: {cores} cores x {ghz:.2f} GHz (nominal) x {per_cycle} fp32 flops/cycle ({isa}) = "
-                f"{peak / 1e9:.0f} GFLOP/s")
-
-
-def load_average() -> str:
-  try:
-    with open("/proc/loadavg") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return "?"
 
 
 # ----------------------------------------------------------------------------------------------------------
