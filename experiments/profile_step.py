@@ -9,10 +9,8 @@ step with its donation and non-finite guard):
 
 1. Pieces jitted on their own, timed interleaved (round r runs each once; medians over rounds after a warm-up),
    each with XLA's cost-analysis FLOPs: the forward pass (train mode), forward + loss, forward + loss + backward
-   (value_and_grad), the Adam update with the non-finite guard, the whole step, and the whole step as it was
-   before each kept change: Adam's moments per parameter leaf (plain optax.adam, before train.make_optimizer
-   flattened them) and, for stages with the sparse network, flax.linen.max_pool (before layers.max_pool_same;
-   one step of both from the same state is also checked to give bit-identical parameters); host -> device copy of one
+   (value_and_grad), the Adam update with the non-finite guard, the whole step, the whole step with Adam's
+   moments per parameter leaf (plain optax.adam, as before train.make_optimizer flattened them); host -> device copy of one
    batch and device -> host copy of the step's metrics; with ``--data_root`` also one batch of the grain input
    pipeline (read on the consumer's thread, without the prefetch that hides it in training).
 2. A jax.profiler trace of a few whole steps: every executed HLO op (XLA:CPU thunk) is mapped to its JAX
@@ -31,7 +29,6 @@ AVX2 + FMA; which one is printed). "% of peak" = FLOPs / (time x peak).
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import glob
 import gzip
@@ -64,7 +61,6 @@ _VARIANTS = flags.DEFINE_string("xla_variants", None, "'|'-separated XLA_FLAGS s
                                 "is the baseline; '' = no flags), one child process per round and variant.")
 _STEPS_PER_CHILD = flags.DEFINE_integer("steps_per_child", 8, "--xla_variants: timed steps per child (median).")
 PER_LEAF = "whole step with per-leaf Adam moments (before)"
-FLAX_POOL = "whole step with flax.linen.max_pool (before)"
 
 _CHILD = flags.DEFINE_bool("child", False, "Internal: time the whole step once under the current XLA_FLAGS.")
 
@@ -89,19 +85,6 @@ def quickstart_setup(stage_name: str, data_root: str = ""):
     batches.append({k: full[k] for k in stage.batch_keys})
   return (config, stage, stage.build_model(config), train.make_optimizer(config), stage.make_loss_fn(config),
           batches)
-
-
-@contextlib.contextmanager
-def _flax_max_pool():
-  """Traces the sparse network with flax's max_pool (what models/sparse.py used before max_pool_same)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from dpcr_jax.models import sparse  # pylint: disable=g-import-not-at-top
-  own = sparse._max_pool  # pylint: disable=protected-access
-  sparse._max_pool = lambda x, window: nn.max_pool(x, (window, window), strides=(2, 2), padding="SAME")
-  try:
-    yield
-  finally:
-    sparse._max_pool = own
 
 
 def piece_functions(model, tx, loss_fn):
@@ -164,28 +147,18 @@ def time_pieces(stage_name: str, rounds: int, data_root: str) -> tuple[list[dict
     return metrics
 
   pieces["whole step (train.jit_steps)"] = (whole_step, flops_of(step_compiled))
-  # The same step as it was before each kept change (docs/benchmarks.md): Adam's moments per parameter leaf
-  # (before train.make_optimizer's optax.flatten); flax's max_pool (before layers.max_pool_same).
+  # The same step with Adam's moments per parameter leaf (before train.make_optimizer's optax.flatten).
   per_leaf_tx = optax.adam(train.learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8)
-  befores = {PER_LEAF: (per_leaf_tx, contextlib.nullcontext())}
-  if stage_name != "dense":
-    befores[FLAX_POOL] = (tx, _flax_max_pool())
-  identical = {}
-  for name, (before_tx, patch) in befores.items():
-    before_state = [train.replicate(train.create_train_state(model, before_tx, jax.tree.map(
-        jnp.asarray, batches[0]), config.seed), mesh)]
-    with patch:
-      before_fn, _ = train.jit_steps(model, before_tx, loss_fn, mesh)
-      before_compiled = before_fn.lower(before_state[0], device_batches[0]).compile()
-    if before_tx is tx:  # same optimizer: one step from the same state must give the same parameters
-      after, _ = step_compiled(jax.tree.map(jnp.copy, state), device_batches[0])
-      before, _ = before_compiled(jax.tree.map(jnp.copy, state), device_batches[0])
-      identical[name] = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
+  per_leaf_state = [train.replicate(train.create_train_state(model, per_leaf_tx, jax.tree.map(
+      jnp.asarray, batches[0]), config.seed), mesh)]
+  per_leaf_fn, _ = train.jit_steps(model, per_leaf_tx, loss_fn, mesh)
+  per_leaf_compiled = per_leaf_fn.lower(per_leaf_state[0], device_batches[0]).compile()
 
-    def before_step(compiled=before_compiled, holder=before_state):
-      holder[0], metrics = compiled(holder[0], device_batches[0])
-      return metrics
-    pieces[name] = (before_step, flops_of(before_compiled))
+  def per_leaf_step():
+    per_leaf_state[0], metrics = per_leaf_compiled(per_leaf_state[0], device_batches[0])
+    return metrics
+
+  pieces[PER_LEAF] = (per_leaf_step, flops_of(per_leaf_compiled))
   pieces["host -> device, one batch"] = (lambda: train.shard_batch(batches[1], mesh), 0.0)
   metrics = whole_step()
   pieces["device -> host, step metrics"] = (lambda: jax.device_get(metrics), 0.0)
@@ -209,7 +182,7 @@ def time_pieces(stage_name: str, rounds: int, data_root: str) -> tuple[list[dict
           for name, (_, flops) in pieces.items()]
   context = dict(step_compiled=step_compiled, step_state=step_state, batch=device_batches[0],
                  compile_s=step_compile_s, batch_size=config.batch_size,
-                 num_params=sum(x.size for x in jax.tree.leaves(state.params)), identical=identical)
+                 num_params=sum(x.size for x in jax.tree.leaves(state.params)))
   return rows, context
 
 
@@ -381,12 +354,9 @@ def main(argv):
       gflop = f"{flops / 1e9:.2f}" if flops == flops and flops > 0 else "-"
       share = f"{100 * flops / (r['median_s'] * peak):.1f}%" if flops == flops and flops > 0 else "-"
       print(f"| {r['piece']} | {r['median_s'] * 1000:.1f} ms | {gflop} | {share} |")
-    for before in (PER_LEAF, FLAX_POOL):
-      row = next((r for r in rows if r["piece"] == before), None)
-      if row:
-        same = context["identical"].get(before)
-        print(f"\n{before} / whole step: {row['median_s'] / step['median_s']:.2f}x"
-              + ("" if same is None else f" (one step from the same state: parameters bit-identical: {same})"))
+    per_leaf = next(r for r in rows if r["piece"] == PER_LEAF)
+    print(f"\nWhole step, per-leaf Adam / flat Adam (train.make_optimizer): "
+          f"{per_leaf['median_s'] / step['median_s']:.2f}x")
     print(f"\nTrace of {_TRACE_STEPS.value} whole steps: wall {wall_ms:.1f} ms/step, HLO ops busy {busy_ms:.1f} "
           f"ms/step summed over threads ({busy_ms / wall_ms:.2f} of {os.cpu_count()} cores busy).\n")
     print("| part | busy ms/step | share | ops/step |\n|---|---|---|---|")

@@ -205,52 +205,6 @@ def test_tf_same_conv_transpose_matches_reference(size, kernel, stride):
                              rtol=1e-5, atol=1e-5)
 
 
-def _max_pool_numpy(x: np.ndarray, window: int, stride: int, g: np.ndarray):
-  """TF 'SAME' max pool and its gradient by loops: each window's gradient goes to its first maximum
-  (row-major); padding never wins. x [B,H,W,C], g [B,Ho,Wo,C] -> (y, dx)."""
-  b, h, w, c = x.shape
-  ho, wo = -(-h // stride), -(-w // stride)
-  top = max((ho - 1) * stride + window - h, 0) // 2
-  left = max((wo - 1) * stride + window - w, 0) // 2
-  y = np.full((b, ho, wo, c), -np.inf, np.float32)
-  dx = np.zeros_like(x)
-  for n in range(b):
-    for oi in range(ho):
-      for oj in range(wo):
-        for ch in range(c):
-          best = None
-          for a in range(window):
-            for d in range(window):
-              i, j = oi * stride + a - top, oj * stride + d - left
-              if 0 <= i < h and 0 <= j < w and (best is None or x[n, i, j, ch] > x[n, best[0], best[1], ch]):
-                best = (i, j)
-          y[n, oi, oj, ch] = x[n, best[0], best[1], ch]
-          dx[n, best[0], best[1], ch] += g[n, oi, oj, ch]
-  return y, dx
-
-
-@pytest.mark.parametrize("shape, window", [((2, 8, 8, 3), 2), ((2, 8, 8, 3), 3), ((1, 7, 6, 2), 2),
-                                           ((1, 7, 5, 2), 3), ((3, 4, 4, 1), 3)])
-@pytest.mark.parametrize("ties", [False, True])
-def test_max_pool_same_matches_flax_and_numpy(shape, window, ties):
-  rng = np.random.default_rng(window + shape[1])
-  x = (rng.integers(0, 3, shape) if ties else rng.standard_normal(shape)).astype(np.float32)
-  ref = lambda z: nn.max_pool(z, (window, window), strides=(2, 2), padding="SAME")  # noqa: E731
-  ours = functools.partial(layers.max_pool_same, window=window, stride=2)
-  y_ref, vjp_ref = jax.vjp(ref, jnp.asarray(x))
-  g = rng.standard_normal(y_ref.shape).astype(np.float32)
-  y, vjp = jax.jit(lambda z: jax.vjp(ours, z))(jnp.asarray(x))
-  # Bit for bit equal to flax's (XLA's select-and-scatter), ties and overlapping windows included.
-  np.testing.assert_array_equal(y, y_ref)
-  np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], vjp_ref(jnp.asarray(g))[0])
-  y_np, dx_np = _max_pool_numpy(x, window, 2, g)
-  np.testing.assert_array_equal(y, y_np)
-  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], dx_np, rtol=1e-6, atol=1e-6)
-  # vmap over a leading axis (the custom VJP batches).
-  batched = jax.vmap(jax.grad(lambda z: jnp.sum(ours(z) * g)))(jnp.asarray(x)[None])[0]
-  np.testing.assert_array_equal(batched, vjp(jnp.asarray(g))[0])
-
-
 def test_initialisers():
   # tflearn uniform_scaling: fan_in = prod(shape[:-1]) (k*k*out for a transposed kernel).
   w = np.asarray(layers.uniform_scaling(jax.random.key(0), (5, 5, 64, 128)))

@@ -7,16 +7,13 @@
   (eps 1e-3, decay 0.9) and tflearn's ``batch_normalization`` whose statistics never update (a
   learnable affine over fixed 0/1 statistics).
 - ``tf_conv_transpose``: a transposed conv with TF's 'SAME' semantics for output = input * stride.
-- ``max_pool_same``: TF 'SAME' max pooling with a cheaper gradient on XLA:CPU (same values, same gradients).
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import flax.linen as nn
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -120,65 +117,3 @@ def scaled(channels: int, width: float) -> int:
   """Channel count times the width multiplier (at least 1)."""
   return max(1, int(round(channels * width)))
 
-
-
-def _same_padding(size: int, window: int, stride: int) -> tuple[int, tuple[int, int]]:
-  """TF 'SAME' pooling along one axis: (output size, (pad before, pad after)); the extra pixel goes last."""
-  out = -(-size // stride)
-  total = max((out - 1) * stride + window - size, 0)
-  return out, (total // 2, total - total // 2)
-
-
-def _pool_windows(x: jax.Array, window: int, stride: int):
-  """x [B,H,W,C] -> (the window x window strided views [B,Ho,Wo,C] of x padded with -inf, in row-major window
-  order, the (H, W) paddings, the padded shape)."""
-  b, h, w, c = x.shape
-  ho, pad_h = _same_padding(h, window, stride)
-  wo, pad_w = _same_padding(w, window, stride)
-  padded = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)))
-  views = [lax.slice(padded, (0, i, j, 0), (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-                     (1, stride, stride, 1)) for i in range(window) for j in range(window)]
-  return views, (pad_h, pad_w), padded.shape
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def max_pool_same(x: jax.Array, window: int, stride: int) -> jax.Array:
-  """Max pooling, window x window, TF 'SAME' padding: x [B, H, W, C] -> [B, ceil(H/stride), ceil(W/stride), C].
-
-  Equal to ``flax.linen.max_pool(x, (window, window), (stride, stride), 'SAME')`` in value and gradient, bit
-  for bit (tests/test_models.py, ties included): the gradient goes to the first maximum of each window in
-  row-major order (what XLA's select-and-scatter does) and overlapping windows add in the same order. Written
-  as window^2 strided slices so that XLA:CPU fuses the backward pass into a few element-wise loops: XLA:CPU
-  expands select-and-scatter into index iotas, a variadic reduce-window and a scatter, which took ~10% of the
-  quickstart sparse step (docs/benchmarks.md). Reverse mode only (a custom_vjp: ``jax.jvp`` of it raises).
-  """
-  views, _, _ = _pool_windows(x, window, stride)
-  return functools.reduce(jnp.maximum, views)
-
-
-def _max_pool_fwd(x, window, stride):
-  return max_pool_same(x, window, stride), x
-
-
-def _max_pool_bwd(window, stride, x, g):
-  views, (pad_h, pad_w), padded_shape = _pool_windows(x, window, stride)
-  out = functools.reduce(jnp.maximum, views)
-  taken = jnp.zeros(out.shape, bool)
-  first_max = []  # one-hot over the window: the first view equal to the maximum
-  for view in views:
-    first_max.append((view == out) & ~taken)
-    taken = taken | first_max[-1]
-  grad = jnp.zeros(padded_shape, g.dtype)
-  # Offsets in reverse order: an input pixel then receives its windows' gradients in row-major window order,
-  # the order of XLA's scatter, so overlapping windows round the same way.
-  for i in reversed(range(window)):
-    for j in reversed(range(window)):
-      high_h = padded_shape[1] - (i + (out.shape[1] - 1) * stride + 1)
-      high_w = padded_shape[2] - (j + (out.shape[2] - 1) * stride + 1)
-      grad = grad + lax.pad(jnp.where(first_max[i * window + j], g, 0), jnp.array(0, g.dtype),
-                            ((0, 0, 0), (i, high_h, stride - 1), (j, high_w, stride - 1), (0, 0, 0)))
-  b, h, w, c = x.shape
-  return (lax.slice(grad, (0, pad_h[0], pad_w[0], 0), (b, pad_h[0] + h, pad_w[0] + w, c)),)
-
-
-max_pool_same.defvjp(_max_pool_fwd, _max_pool_bwd)

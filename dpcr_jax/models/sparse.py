@@ -10,8 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpcr_jax.models.layers import (BatchNorm, glorot_uniform, max_pool_same, scaled, tf_conv_transpose,
-                                    uniform_scaling, zeros)
+from dpcr_jax.models.layers import BatchNorm, glorot_uniform, scaled, tf_conv_transpose, uniform_scaling, zeros
 
 
 def _conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
@@ -28,7 +27,7 @@ def _tflearn_conv(features: int, kernel: int, stride: int = 1, name: str | None 
 
 def _max_pool(x: jax.Array, window: int) -> jax.Array:
   """Max pool window x window, stride 2, TF 'SAME' (pads with -inf at the end)."""
-  return max_pool_same(x, window, 2)
+  return nn.max_pool(x, (window, window), strides=(2, 2), padding="SAME")
 
 
 def _upsample_nearest(x: jax.Array) -> jax.Array:
