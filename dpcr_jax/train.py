@@ -98,16 +98,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam (the original: TF defaults b1 0.9, b2 0.999, eps 1e-8) with ``learning_rate_schedule(config)``.
 
-  ``optax.flatten``: Adam's moments are kept as one flat vector each (opt_state ``mu`` / ``nu`` [num_params])
-  and the update runs on the concatenated gradient. Adam is element-wise, so this is the same algorithm; on
-  XLA:CPU it replaces a few thousand tiny per-leaf kernels (the sparse network has ~450 parameter arrays,
-  most of 16-128 floats) by a few large ones: the quickstart sparse step measured 1.15x faster idle and
-  1.30x under load (experiments/profile_step.py, docs/training.md). XLA vectorises the fused arithmetic differently, so the
-  parameters may differ from the per-leaf update's in the last bit (measured: <= 1 ulp per Adam step); runs
-  stay bitwise repeatable on one machine. Checkpoints written before this change (per-leaf moments) do not
-  restore into it (CheckpointMismatchError).
+  Moments per parameter leaf (plain ``optax.adam``). Flat moments (``optax.flatten``: a few large kernels instead
+  of ~450 small ones) were used for part of 2026-12-03 and measured 1.30x faster under load but 0.96-0.99x
+  idle, at the quickstart's batch 4 and 8 (docs/benchmarks.md), so they were dropped; checkpoints written
+  with them do not restore (CheckpointMismatchError).
   """
-  return optax.flatten(optax.adam(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8))
+  return optax.adam(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8)
 
 
 def create_train_state(model, tx: optax.GradientTransformation, example_batch: dict, seed: int) -> TrainState:

@@ -10,7 +10,7 @@ step with its donation and non-finite guard):
 1. Pieces jitted on their own, timed interleaved (round r runs each once; medians over rounds after a warm-up),
    each with XLA's cost-analysis FLOPs: the forward pass (train mode), forward + loss, forward + loss + backward
    (value_and_grad), the Adam update with the non-finite guard, the whole step, the whole step with Adam's
-   moments per parameter leaf (plain optax.adam, as before train.make_optimizer flattened them); host -> device copy of one
+   moments as flat vectors (optax.flatten, tried and not kept); host -> device copy of one
    batch and device -> host copy of the step's metrics; with ``--data_root`` also one batch of the grain input
    pipeline (read on the consumer's thread, without the prefetch that hides it in training).
 2. A jax.profiler trace of a few whole steps: every executed HLO op (XLA:CPU thunk) is mapped to its JAX
@@ -60,7 +60,7 @@ _DATA_ROOT = flags.DEFINE_string("data_root", "", "Synthetic data root (experime
 _VARIANTS = flags.DEFINE_string("xla_variants", None, "'|'-separated XLA_FLAGS strings to compare (the first "
                                 "is the baseline; '' = no flags), one child process per round and variant.")
 _STEPS_PER_CHILD = flags.DEFINE_integer("steps_per_child", 8, "--xla_variants: timed steps per child (median).")
-PER_LEAF = "whole step with per-leaf Adam moments (before)"
+FLAT_ADAM = "whole step with flat Adam moments (optax.flatten, not kept)"
 
 _CHILD = flags.DEFINE_bool("child", False, "Internal: time the whole step once under the current XLA_FLAGS.")
 
@@ -147,18 +147,18 @@ def time_pieces(stage_name: str, rounds: int, data_root: str) -> tuple[list[dict
     return metrics
 
   pieces["whole step (train.jit_steps)"] = (whole_step, flops_of(step_compiled))
-  # The same step with Adam's moments per parameter leaf (before train.make_optimizer's optax.flatten).
-  per_leaf_tx = optax.adam(train.learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8)
-  per_leaf_state = [train.replicate(train.create_train_state(model, per_leaf_tx, jax.tree.map(
+  # The same step with Adam's moments as flat vectors (optax.flatten; tried and not kept, train.make_optimizer).
+  flat_tx = optax.flatten(tx)
+  flat_state = [train.replicate(train.create_train_state(model, flat_tx, jax.tree.map(
       jnp.asarray, batches[0]), config.seed), mesh)]
-  per_leaf_fn, _ = train.jit_steps(model, per_leaf_tx, loss_fn, mesh)
-  per_leaf_compiled = per_leaf_fn.lower(per_leaf_state[0], device_batches[0]).compile()
+  flat_fn, _ = train.jit_steps(model, flat_tx, loss_fn, mesh)
+  flat_compiled = flat_fn.lower(flat_state[0], device_batches[0]).compile()
 
-  def per_leaf_step():
-    per_leaf_state[0], metrics = per_leaf_compiled(per_leaf_state[0], device_batches[0])
+  def flat_step():
+    flat_state[0], metrics = flat_compiled(flat_state[0], device_batches[0])
     return metrics
 
-  pieces[PER_LEAF] = (per_leaf_step, flops_of(per_leaf_compiled))
+  pieces[FLAT_ADAM] = (flat_step, flops_of(flat_compiled))
   pieces["host -> device, one batch"] = (lambda: train.shard_batch(batches[1], mesh), 0.0)
   metrics = whole_step()
   pieces["device -> host, step metrics"] = (lambda: jax.device_get(metrics), 0.0)
@@ -354,9 +354,9 @@ def main(argv):
       gflop = f"{flops / 1e9:.2f}" if flops == flops and flops > 0 else "-"
       share = f"{100 * flops / (r['median_s'] * peak):.1f}%" if flops == flops and flops > 0 else "-"
       print(f"| {r['piece']} | {r['median_s'] * 1000:.1f} ms | {gflop} | {share} |")
-    per_leaf = next(r for r in rows if r["piece"] == PER_LEAF)
-    print(f"\nWhole step, per-leaf Adam / flat Adam (train.make_optimizer): "
-          f"{per_leaf['median_s'] / step['median_s']:.2f}x")
+    flat = next(r for r in rows if r["piece"] == FLAT_ADAM)
+    print(f"\nWhole step, flat Adam / per-leaf Adam (train.make_optimizer): "
+          f"{flat['median_s'] / step['median_s']:.2f}x")
     print(f"\nTrace of {_TRACE_STEPS.value} whole steps: wall {wall_ms:.1f} ms/step, HLO ops busy {busy_ms:.1f} "
           f"ms/step summed over threads ({busy_ms / wall_ms:.2f} of {os.cpu_count()} cores busy).\n")
     print("| part | busy ms/step | share | ops/step |\n|---|---|---|---|")
