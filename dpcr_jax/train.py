@@ -99,8 +99,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   """Adam (the original: TF defaults b1 0.9, b2 0.999, eps 1e-8) with ``learning_rate_schedule(config)``.
 
   Moments per parameter leaf (plain ``optax.adam``). Flat moments (``optax.flatten``: a few large kernels instead
-  of ~450 small ones) were used for part of 2026-12-03 and measured 1.30x faster under load but 0.96-0.99x
-  idle, at the quickstart's batch 4 and 8 (docs/benchmarks.md), so they were dropped; checkpoints written
+  of ~450 small ones) were used for part of 2026-12-03: 1.30x faster under load, 0.96-1.15x idle at the
+  quickstart's batch 4 and 8 (docs/benchmarks.md, "Changes measured"), so they were dropped; checkpoints written
   with them do not restore (CheckpointMismatchError).
   """
   return optax.adam(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8)
