@@ -19,7 +19,7 @@ Differences from the paper settings (configs/paper.py), all for short CPU runs:
     regression the dense stage needs thousands of steps before its output is even as close to the ground
     truth as its input points (measured: CD 3.6e-3 after 200 steps vs 1.9e-4 for copying the input), and
     fine-tuning through such a dense net wrecked the trained sparse stage;
-  - 8000 / 120 / 20 steps instead of 20 / 20 / 40 epochs (a sparse step at batch 4 takes ~0.085 s on this
+  - 8000 / 120 / 20 steps instead of 20 / 20 / 40 epochs (a sparse step at batch 4 takes ~0.075 s on this
     project's 2-core Xeon; a dense or finetune step ~0.4-0.6 s), with lr_schedule "step": the learning rate
     drops x0.1 for the last 10% of each stage's steps (the paper keeps it constant; with a constant rate the held-out CD of single checkpoints fluctuates, and the
     low-rate steps improve about as much as full-rate ones while settling the end point; docs/training.md);
