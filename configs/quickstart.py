@@ -8,21 +8,20 @@ Differences from the paper settings (configs/paper.py), all for short CPU runs:
   - sparse network width x0.25 (channels /4);
   - point counts 256 -> 1024 -> 4096 (paper 1024 -> 4096 -> 16384), dense kNN k = 16 (paper 20);
   - Adam lr 1e-3 for the sparse and dense stages and 1e-4 for finetuning (paper 3e-5 throughout, which learns
-    next to nothing in a few hundred steps); batch 4 in every stage (paper 32 / 12 / 10). The sparse stage ran
-    at batch 8 x 5000 steps until 2026-12-03; batch 4 x 8000 steps takes the same time on a 2-core CPU (a step
-    at batch 4 costs ~0.63 of one at batch 8: ~34 ms of it does not depend on the batch) and predicted clearly
-    better held-out shapes (mean CD x1000 4.68 vs 5.68, F-score@1% 6.5 vs 5.6, 13 vs 12 of 13 categories
-    below the image-blind medoid); batch 4 x 5000 steps was worse than both (6.29, 5.2): docs/training.md;
+    next to nothing in a few hundred steps); batch 4 in every stage (paper 32 / 12 / 10): on a 2-core CPU a
+    step at batch 4 costs ~0.63 of one at batch 8, and 8000 sparse steps at batch 4 predicted clearly better
+    held-out shapes than 5000 at batch 8 in about the same time (docs/training.md, "Speed of a training step");
   - sparse BN momentum 0.9 with shuffled data (paper 0.5, a quirk of the original, docs/original.md, quirks);
   - dense.predict_offsets = True: each dense level regresses offsets from its input points (zero-initialised)
     instead of coordinates. A deviation from the original's architecture (same parameters): with direct
     regression the dense stage needs thousands of steps before its output is even as close to the ground
     truth as its input points (measured: CD 3.6e-3 after 200 steps vs 1.9e-4 for copying the input), and
     fine-tuning through such a dense net wrecked the trained sparse stage;
-  - 8000 / 120 / 20 steps instead of 20 / 20 / 40 epochs (a sparse step at batch 4 takes ~0.075 s on this
-    project's 2-core Xeon; a dense or finetune step ~0.4-0.6 s), with lr_schedule "step": the learning rate
-    drops x0.1 for the last 10% of each stage's steps (the paper keeps it constant; with a constant rate the held-out CD of single checkpoints fluctuates, and the
-    low-rate steps improve about as much as full-rate ones while settling the end point; docs/training.md);
+  - 8000 / 120 / 20 steps instead of 20 / 20 / 40 epochs (a sparse step takes ~0.075 s on this project's
+    2-core Xeon; a dense or finetune step ~0.4-0.6 s), with lr_schedule "step": the learning rate drops x0.1 for
+    the last 10% of each stage's steps (the paper keeps it constant; with a constant rate the held-out CD of
+    single checkpoints fluctuates, and the low-rate steps improve about as much as full-rate ones while settling
+    the end point; docs/training.md);
   - 20 synthetic models per category in experiments/main.py (16 train, 4 test), not a config value;
   - checkpoints every 200 steps (a killed run loses at most ~20 s of sparse training).
 The argument after ':' picks the stage: sparse (default), dense or finetune.
